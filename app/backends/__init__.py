@@ -1,0 +1,3 @@
+from .base import Backend, BackendError, BackendInfo, ReplyHandle
+
+__all__ = ["Backend", "BackendError", "BackendInfo", "ReplyHandle"]

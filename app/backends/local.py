@@ -1,0 +1,78 @@
+"""The in-process backend: our DeepSeek-VL2 runtime (``model/``), one generation at a time."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from model.generation import GenerationSettings, stream_reply
+from model.loading import LoadedModel
+from model.processing import Message
+
+from .base import BackendError, BackendInfo, ReplyHandle
+
+OOM_ADVICE = (
+    "The model ran out of memory on this request. Try fewer or smaller images, a shorter conversation, "
+    "or start the app with --quantization 4bit."
+)
+
+
+class LocalBackend:
+    """Runs the model in this process. A lock makes it one lane: requests queue, never overlap."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.lane = threading.Lock()
+        info = loaded.info
+        context = int(getattr(loaded.model.config.text_config, "max_position_embeddings", 4096))
+        self.info = BackendInfo(
+            model_id=info.model_id,
+            precision=info.quantization or info.dtype.removeprefix("torch."),
+            device=info.device,
+            context_length=context,
+            details=info.summary(),
+        )
+
+    def count_tokens(self, conversation: Sequence[Message], *, system_prompt: str = "") -> int:
+        ids, _, _ = self.loaded.processor.encode_conversation(conversation, system_prompt)
+        return len(ids)
+
+    def stream(
+        self,
+        conversation: Sequence[Message],
+        settings: GenerationSettings,
+        *,
+        system_prompt: str = "",
+        cancel_event: threading.Event | None = None,
+    ) -> ReplyHandle:
+        event = cancel_event or threading.Event()
+        return ReplyHandle(self._deltas(list(conversation), settings, system_prompt, event), event)
+
+    def _deltas(
+        self, conversation: list[Message], settings: GenerationSettings, system_prompt: str, event: threading.Event
+    ) -> Iterator[str]:
+        with self.lane:
+            if event.is_set():
+                return
+            stream = stream_reply(
+                self.loaded.model,
+                self.loaded.processor,
+                conversation,
+                settings,
+                system_prompt=system_prompt,
+                cancel_event=event,
+            )
+            try:
+                yield from stream
+            except torch.OutOfMemoryError as exc:
+                raise BackendError(OOM_ADVICE) from exc
+            finally:
+                # Reached on normal end, on error, and when the consumer stops early (Stop button,
+                # closed tab): the generate thread must end before the lane is released.
+                if stream.thread is not None and stream.thread.is_alive():
+                    stream.cancel()
+                stream.join()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()

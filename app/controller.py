@@ -1,0 +1,143 @@
+"""The app's behaviour, independent of Gradio: ingest, ask, stream, stop, retry, undo, trim.
+
+``ui.py`` wires these functions to components; tests call them directly with a scripted backend.
+Each failure is reported as a message and leaves the session as it was (nothing the user uploaded
+or was answered is lost).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from model.generation import GenerationSettings
+from model.images import ImageError, open_image
+
+from .backends.base import Backend, BackendError
+from .modes import Mode, build_prompt
+from .session import Session, Turn
+
+MAX_IMAGES_PER_TURN = 8
+MAX_PROMPT_CHARS = 8000
+TILING_OFF_NOTICE = (
+    "This conversation now has 3 or more images, so the model sees each one as a single 384×384 view "
+    "(no high-resolution tiling). For fine detail, keep only the active image."
+)
+
+
+@dataclass
+class Update:
+    """One step of a reply, for the UI to show."""
+
+    turn: Turn
+    boxes_changed: bool
+    done: bool
+    notices: tuple[str, ...] = ()
+
+
+class UserError(ValueError):
+    """Bad input; the message tells the user what to do. The session is unchanged."""
+
+
+class Controller:
+    def __init__(self, backend: Backend, *, image_dir: str | os.PathLike[str] | None = None) -> None:
+        self.backend = backend
+        self.image_dir = Path(image_dir or Path(tempfile.gettempdir()) / "vl2-studio")
+        self.image_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- images ------------------------------------------------------------------------------
+    def ingest(self, session: Session, sources: Sequence[str | os.PathLike[str]]) -> list[str]:
+        """Canonicalise uploads (EXIF, RGB) once. Returns messages for files that were refused."""
+        problems = []
+        for source in sources:
+            name = Path(str(source)).name
+            try:
+                image = open_image(source)
+            except ImageError as exc:
+                problems.append(f"{name}: {exc}")
+                continue
+            entry = session.add_image(image, name)
+            path = self.image_dir / session.session_id / f"{entry.key}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path)
+        return problems
+
+    def image_path(self, session: Session, key: str) -> str:
+        return str(self.image_dir / session.session_id / f"{key}.png")
+
+    def image_paths(self, session: Session) -> dict[str, str]:
+        return {key: self.image_path(session, key) for key in session.images}
+
+    # -- asking ------------------------------------------------------------------------------
+    def begin(self, session: Session, text: str, mode: Mode | str) -> Turn:
+        """Validate and open a new turn (raises :class:`UserError` with the session untouched)."""
+        text = (text or "").strip()
+        if not text:
+            raise UserError("Type a question (or, in Find mode, what to look for).")
+        if len(text) > MAX_PROMPT_CHARS:
+            raise UserError(f"The message is {len(text):,} characters; please keep it under {MAX_PROMPT_CHARS:,}.")
+        if len(session.pending_images) > MAX_IMAGES_PER_TURN:
+            raise UserError(f"{len(session.pending_images)} images in one turn; the limit is {MAX_IMAGES_PER_TURN}.")
+        mode = Mode(mode)
+        if mode is not Mode.ASK and session.image_count_after_send() == 0:
+            raise UserError("Grounding needs an image: upload one first.")
+        return session.start_turn(text, build_prompt(mode, text), mode)
+
+    def fit_context(self, session: Session, settings: GenerationSettings) -> list[str]:
+        """Drop the oldest turns until prompt + reply fit the context; returns notices."""
+        budget = self.backend.info.context_length - settings.max_new_tokens
+        notices = []
+        while self.backend.count_tokens(session.messages()) > budget and len(session.turns) > 1:
+            session.drop_oldest_turn()
+            notices.append(
+                "The conversation was longer than the model's 4,096-token context; the oldest turn was dropped."
+            )
+        if self.backend.count_tokens(session.messages()) > budget:
+            session.turns.pop()
+            raise UserError(
+                "This message and its images do not fit the model's context. "
+                "Use fewer images, a shorter message, or lower 'max new tokens'."
+            )
+        return notices[:1]
+
+    def run_turn(self, session: Session, turn: Turn, settings: GenerationSettings) -> Iterator[Update]:
+        """Stream the reply for ``turn``; boxes are parsed as each ``<|/det|>`` arrives."""
+        notices = tuple(self.fit_context(session, settings))
+        if session.image_count_after_send() >= 3 and TILING_OFF_NOTICE not in session.notices:
+            session.notices.append(TILING_OFF_NOTICE)
+            notices += (TILING_OFF_NOTICE,)
+        handle = self.backend.stream(session.messages(), settings, cancel_event=session.cancel_event)
+        text = ""
+        seen_boxes = 0
+        try:
+            yield Update(turn, boxes_changed=False, done=False, notices=notices)
+            for delta in handle:
+                text += delta
+                session.update_reply(turn, text, final=False)
+                changed = len(turn.boxes) != seen_boxes
+                seen_boxes = len(turn.boxes)
+                yield Update(turn, boxes_changed=changed, done=False)
+        except BackendError as exc:
+            turn.error = str(exc)
+        except Exception as exc:  # a backend bug must not take the server down
+            turn.error = f"The model backend failed: {exc.__class__.__name__}: {exc}"
+        finally:
+            # Only the user's Stop sets this event while the reply runs; closing the handle (below)
+            # ends a generation that is still going, e.g. when the browser went away.
+            turn.stopped = session.cancel_event.is_set() and not turn.error
+            handle.close()
+        session.update_reply(turn, text, final=True)
+        yield Update(turn, boxes_changed=True, done=True)
+
+    def stop(self, session: Session) -> None:
+        session.cancel_event.set()
+
+    def retry_turn(self, session: Session) -> Turn | None:
+        """Re-open the last turn with the same words, images and mode."""
+        last = session.undo()
+        if last is None:
+            return None
+        return session.start_turn(last.user_text, last.prompt, last.mode)

@@ -1,0 +1,105 @@
+"""Command line → backend → Gradio app. ``app.py`` calls :func:`main`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from .backends.base import Backend, BackendInfo
+from .backends.loading import BackgroundLoadedBackend
+from .ui import CSS, build_demo
+
+DEFAULT_MODEL = "deepseek-ai/deepseek-vl2-tiny"
+QUEUE_MAX_SIZE = 32
+log = logging.getLogger("vl2-studio")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python app.py",
+        description="VL2 Grounding Studio: chat and grounding with DeepSeek-VL2 in your browser.",
+    )
+    parser.add_argument(
+        "--model",
+        default=os.environ.get("VL2_MODEL", DEFAULT_MODEL),
+        help="hub id or local checkpoint folder (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--quantization",
+        choices=["auto", "4bit", "8bit", "none"],
+        default="auto",
+        help="auto: 4-bit on a CUDA card that needs it, none on CPU",
+    )
+    parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
+    parser.add_argument(
+        "--backend",
+        choices=["local", "openai", "scripted"],
+        default="local",
+        help="local: the model in this process; openai: a vLLM/SGLang server; scripted: canned",
+    )
+    parser.add_argument(
+        "--server-url",
+        default=os.environ.get("VL2_SERVER_URL", "http://127.0.0.1:8000/v1"),
+        help="OpenAI-compatible base URL for --backend openai",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: local only)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
+    return parser
+
+
+def choose_quantization(requested: str, device: str | None) -> str | None:
+    """``auto``: 4-bit on a CUDA card with under 16 GiB free when bitsandbytes is there; else full precision."""
+    if requested != "auto":
+        return None if requested == "none" else requested
+    import torch
+
+    if not torch.cuda.is_available() or (device or "cuda").startswith("cpu"):
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:
+        return None
+    free, _total = torch.cuda.mem_get_info()
+    return "4bit" if free < 16 * 2**30 else None
+
+
+def make_backend(args: argparse.Namespace) -> Backend:
+    if args.backend == "scripted":
+        from .backends.scripted import ScriptedBackend, demo_script
+
+        return ScriptedBackend(demo_script, info=BackendInfo("scripted demo", "n/a", "cpu"))
+    if args.backend == "openai":
+        from .backends.openai_compat import OpenAICompatibleBackend
+
+        return OpenAICompatibleBackend(args.server_url, model=args.model)
+
+    def load() -> Backend:
+        from model.loading import load_model
+
+        from .backends.local import LocalBackend
+
+        quantization = choose_quantization(args.quantization, args.device)
+        log.info("loading %s (quantization=%s, device=%s)", args.model, quantization or "none", args.device or "auto")
+        loaded = load_model(args.model, device=args.device, dtype=args.dtype, quantization=quantization)
+        log.info("ready: %s", loaded.info.summary())
+        return LocalBackend(loaded)
+
+    placeholder = BackendInfo(model_id=args.model, precision="loading…", device=args.device or "auto")
+    return BackgroundLoadedBackend(load, placeholder)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    backend = make_backend(args)
+    demo = build_demo(backend)
+    demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=1)
+    if args.share:
+        print("--share: this app will be reachable by anyone with the gradio.live link", file=sys.stderr)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS, show_error=True)
+    return 0

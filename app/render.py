@@ -1,0 +1,139 @@
+"""Boxes drawn onto the original image, in pixels, with labels in any script.
+
+Drawing happens at the image's full resolution (so an exported PNG is exact); line width and
+font size scale with the image so boxes read the same on a phone photo and a thumbnail. Labels are
+plain text drawn by Pillow — never HTML — with a CJK-capable font when one is installed.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+# Distinct, readable on photos, colour-blind-aware ordering (hue steps, alternating lightness).
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (230, 25, 75),
+    (0, 130, 200),
+    (60, 180, 75),
+    (245, 130, 48),
+    (145, 30, 180),
+    (0, 170, 170),
+    (240, 50, 230),
+    (170, 110, 40),
+    (128, 128, 0),
+    (0, 0, 128),
+    (255, 200, 0),
+    (128, 0, 0),
+)
+
+# Fonts that cover Latin, CJK, and more; the first one found wins.
+FONT_CANDIDATES = (
+    str(ASSETS / "fonts" / "label-font.ttf"),
+    "/usr/share/fonts/opentype/noto/NotoSansCJK-Bold.ttc",
+    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/noto-cjk/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf",
+    "/System/Library/Fonts/PingFang.ttc",
+    "C:/Windows/Fonts/msyh.ttc",
+)
+
+
+class ColorBook:
+    """One colour per label, stable for a conversation (first seen, first coloured)."""
+
+    def __init__(self, palette: Sequence[tuple[int, int, int]] = PALETTE) -> None:
+        self.palette = tuple(palette)
+        self.assigned: dict[str, tuple[int, int, int]] = {}
+
+    def color(self, label: str | None) -> tuple[int, int, int]:
+        key = label or ""
+        if key not in self.assigned:
+            self.assigned[key] = self.palette[len(self.assigned) % len(self.palette)]
+        return self.assigned[key]
+
+    def hex(self, label: str | None) -> str:
+        r, g, b = self.color(label)
+        return f"#{r:02x}{g:02x}{b:02x}"
+
+
+@functools.lru_cache(maxsize=1)
+def font_path() -> str | None:
+    override = os.environ.get("VL2_LABEL_FONT")
+    for candidate in ((override,) if override else ()) + FONT_CANDIDATES:
+        if candidate and Path(candidate).exists():
+            return candidate
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def load_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    path = font_path()
+    if path is None:
+        return ImageFont.load_default(size)
+    return ImageFont.truetype(path, size)
+
+
+def line_width_for(width: int, height: int) -> int:
+    return max(2, round(min(width, height) / 250))
+
+
+def font_size_for(width: int, height: int) -> int:
+    return max(12, round(min(width, height) / 32))
+
+
+def _contrast_text(color: tuple[int, int, int]) -> tuple[int, int, int]:
+    r, g, b = color
+    return (0, 0, 0) if (0.299 * r + 0.587 * g + 0.114 * b) > 150 else (255, 255, 255)
+
+
+def draw_boxes(
+    image: Image.Image,
+    boxes: Iterable[tuple[tuple[float, float, float, float], str | None]],
+    colors: ColorBook,
+    *,
+    highlight: int | None = None,
+    pins: Iterable[tuple[float, float]] = (),
+) -> Image.Image:
+    """A copy of ``image`` with each ``(xyxy, label)`` drawn; ``highlight`` (an index) drawn thicker."""
+    canvas = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(canvas)
+    width, height = canvas.size
+    line = line_width_for(width, height)
+    font = load_font(font_size_for(width, height))
+    for index, (xyxy, label) in enumerate(boxes):
+        color = colors.color(label)
+        x1, y1, x2, y2 = (round(v) for v in xyxy)
+        thickness = line * 2 if index == highlight else line
+        draw.rectangle((x1, y1, x2, y2), outline=color, width=thickness)
+        if not label:
+            continue
+        text_box = draw.textbbox((0, 0), label, font=font)
+        text_w, text_h = text_box[2] - text_box[0], text_box[3] - text_box[1]
+        pad = max(2, line)
+        chip_h = text_h + 2 * pad
+        # The label sits on top of the box when there is room, inside it otherwise.
+        top = y1 - chip_h if y1 - chip_h >= 0 else y1
+        left = min(max(0, x1), max(0, width - text_w - 2 * pad))
+        draw.rectangle((left, top, left + text_w + 2 * pad, top + chip_h), fill=color)
+        draw.text((left + pad - text_box[0], top + pad - text_box[1]), label, font=font, fill=_contrast_text(color))
+    for x, y in pins:
+        radius = line * 3
+        draw.ellipse(
+            (x - radius, y - radius, x + radius, y + radius), outline=(255, 255, 255), width=line, fill=(230, 25, 75)
+        )
+    return canvas
+
+
+def for_display(image: Image.Image, max_side: int = 2048) -> Image.Image:
+    """A browser-friendly copy (huge photos are downscaled only for display; boxes stay in original pixels)."""
+    if max(image.size) <= max_side:
+        return image
+    shown = image.copy()
+    shown.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return shown

@@ -1,0 +1,145 @@
+"""One user's conversation: images (canonical, at ingest), turns, raw replies and boxes.
+
+Coordinate contract: every box keeps the model's 0–999 values and pixel ``xyxy`` on the image it
+belongs to, as that image was canonicalised at upload (EXIF transposed, RGB). A grounded reply
+refers to the most recent image of the conversation at that turn (the model localises in the last
+image it was shown), so that is the image its boxes are drawn on.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from model.grounding import Box, GroundingResult, Rejected, parse_grounding
+from model.processing import Message
+
+from .modes import Mode
+from .render import ColorBook
+
+
+@dataclass
+class SessionImage:
+    key: str
+    name: str
+    image: Image.Image
+    turn: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.size
+
+
+@dataclass
+class Turn:
+    user_text: str  # what the user typed
+    prompt: str  # what the model was sent (mode applied)
+    mode: Mode
+    image_keys: list[str]
+    reply: str = ""  # the model's raw text
+    target_image: str | None = None  # which image the reply's boxes refer to
+    boxes: list[Box] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    stopped: bool = False
+    error: str | None = None
+
+
+@dataclass
+class Session:
+    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    images: dict[str, SessionImage] = field(default_factory=dict)
+    turns: list[Turn] = field(default_factory=list)
+    pending_images: list[str] = field(default_factory=list)  # uploaded, not yet sent
+    active_image: str | None = None
+    colors: ColorBook = field(default_factory=ColorBook)
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    notices: list[str] = field(default_factory=list)
+
+    # -- images ------------------------------------------------------------------------------
+    def add_image(self, image: Image.Image, name: str) -> SessionImage:
+        key = f"img{len(self.images) + 1}"
+        entry = SessionImage(key=key, name=name, image=image, turn=len(self.turns))
+        self.images[key] = entry
+        self.pending_images.append(key)
+        self.active_image = key
+        return entry
+
+    def image_count_after_send(self) -> int:
+        return sum(len(t.image_keys) for t in self.turns) + len(self.pending_images)
+
+    def latest_image_key(self, upto_turn: int | None = None) -> str | None:
+        turns = self.turns if upto_turn is None else self.turns[: upto_turn + 1]
+        for turn in reversed(turns):
+            if turn.image_keys:
+                return turn.image_keys[-1]
+        return None
+
+    # -- turns -------------------------------------------------------------------------------
+    def start_turn(self, user_text: str, prompt: str, mode: Mode) -> Turn:
+        turn = Turn(user_text=user_text, prompt=prompt, mode=mode, image_keys=list(self.pending_images))
+        self.pending_images = []
+        self.turns.append(turn)
+        turn.target_image = self.latest_image_key()
+        if turn.target_image:
+            self.active_image = turn.target_image
+        self.cancel_event = threading.Event()
+        return turn
+
+    def messages(self) -> list[Message]:
+        """The conversation for the model: user turns with their images, then finished replies.
+
+        The last turn is the one being answered. Earlier turns that produced no text (an error,
+        an immediate stop) are left out rather than shown to the model as empty answers.
+        """
+        out: list[Message] = []
+        last = len(self.turns) - 1
+        for index, turn in enumerate(self.turns):
+            if index < last and not turn.reply:
+                continue
+            out.append(Message("user", turn.prompt, [self.images[k].image for k in turn.image_keys]))
+            if index < last:
+                out.append(Message("assistant", turn.reply))
+        return out
+
+    def update_reply(self, turn: Turn, reply: str, *, final: bool) -> GroundingResult | None:
+        turn.reply = reply
+        if turn.target_image is None:
+            return None
+        width, height = self.images[turn.target_image].size
+        result = parse_grounding(reply, width, height, final=final)
+        turn.boxes, turn.rejected = result.boxes, result.rejected
+        for box in turn.boxes:
+            self.colors.color(box.label)
+        return result
+
+    def boxes_on(self, image_key: str) -> list[tuple[int, Box]]:
+        """All boxes drawn on one image, with the turn they came from."""
+        return [(i, box) for i, t in enumerate(self.turns) if t.target_image == image_key for box in t.boxes]
+
+    def drop_oldest_turn(self) -> Turn:
+        """Forget the oldest turn (and images only it used) to fit the context."""
+        turn = self.turns.pop(0)
+        for key in turn.image_keys:
+            self.images.pop(key, None)
+        if self.active_image not in self.images:
+            self.active_image = self.latest_image_key() or next(iter(self.images), None)
+        return turn
+
+    def keep_only(self, image_key: str) -> None:
+        """Start over with one image (the ≥3-image notice offers this)."""
+        entry = self.images[image_key]
+        self.images = {image_key: entry}
+        self.turns = []
+        self.pending_images = [image_key]
+        self.active_image = image_key
+
+    def undo(self) -> Turn | None:
+        if not self.turns:
+            return None
+        turn = self.turns.pop()
+        # Its images become pending again so the user can re-ask with them.
+        self.pending_images = [*turn.image_keys, *self.pending_images]
+        return turn

@@ -1,0 +1,133 @@
+"""``python -m model {ground,chat,parse,plan}`` — the runtime from the shell.
+
+* ``ground --model M --image IMG "the red car"`` → JSON ``{"boxes": [...], "text": raw}``
+* ``chat --model M --image IMG "question"`` → the answer, streamed to stdout
+* ``parse --size WxH`` → boxes from model text on stdin (no model loaded)
+* ``plan --size WxH [--images N]`` → tile grid and image-token count (no model loaded)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"size must look like 640x480, got {text!r}") from exc
+    if width <= 0 or height <= 0:
+        raise argparse.ArgumentTypeError("width and height must be positive")
+    return width, height
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="deepseek-ai/deepseek-vl2-tiny", help="hub id or local checkpoint folder")
+    parser.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
+    parser.add_argument("--quantization", default=None, choices=["4bit", "8bit", "none"])
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m model", description="DeepSeek-VL2 runtime on transformers 5")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ground = sub.add_parser("ground", help="boxes for a phrase, as JSON")
+    _add_model_args(ground)
+    ground.add_argument("phrase")
+    chat = sub.add_parser("chat", help="ask about images; the answer streams")
+    _add_model_args(chat)
+    chat.add_argument("question")
+    chat.add_argument("--temperature", type=float, default=0.1)
+    parse = sub.add_parser("parse", help="parse model text from stdin into boxes")
+    parse.add_argument("--size", type=_size, required=True, help="image size WxH, e.g. 640x480")
+    plan = sub.add_parser("plan", help="tile grid and image-token count for an image size")
+    plan.add_argument("--size", type=_size, required=True)
+    plan.add_argument("--images", type=int, default=1, help="images in the request (3+ turns tiling off)")
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    from .loading import load_model
+
+    return load_model(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization)
+
+
+def _open_images(paths: Sequence[str]):
+    from .images import open_image
+
+    return [open_image(path) for path in paths]
+
+
+def run_ground(args: argparse.Namespace) -> int:
+    from .generation import GenerationSettings, generate_text
+    from .grounding import parse_grounding
+    from .processing import Message
+    from .prompts import find_prompt
+
+    if len(args.image) != 1:
+        raise SystemExit("ground needs exactly one --image")
+    images = _open_images(args.image)
+    loaded = _load(args)
+    settings = GenerationSettings(temperature=0.0, repetition_penalty=1.1, max_new_tokens=args.max_new_tokens)
+    text = generate_text(loaded.model, loaded.processor, [Message("user", find_prompt(args.phrase), images)], settings)
+    result = parse_grounding(text, images[0].width, images[0].height)
+    document = result.to_dict()
+    print(json.dumps({"boxes": document["boxes"], "rejected": document["rejected"], "text": text}, ensure_ascii=False))
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from .generation import GenerationSettings, stream_reply
+    from .processing import Message
+
+    images = _open_images(args.image)
+    loaded = _load(args)
+    settings = GenerationSettings(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    stream = stream_reply(loaded.model, loaded.processor, [Message("user", args.question, images)], settings)
+    try:
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        stream.cancel()
+        stream.join()
+    sys.stdout.write("\n")
+    return 0
+
+
+def run_parse(args: argparse.Namespace) -> int:
+    from .grounding import parse_grounding
+
+    width, height = args.size
+    print(json.dumps(parse_grounding(sys.stdin.read(), width, height).to_dict(), ensure_ascii=False))
+    return 0
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from .image_processing import plan_tiles
+
+    width, height = args.size
+    if args.images < 1:
+        raise SystemExit("--images must be at least 1")
+    plan = plan_tiles(width, height, num_images=args.images)
+    print(json.dumps({"grid": list(plan.grid), "tiles": plan.tiles, "image_tokens": plan.image_tokens}))
+    return 0
+
+
+COMMANDS = {"ground": run_ground, "chat": run_chat, "parse": run_parse, "plan": run_plan}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .loading import ModelLoadError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ModelLoadError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

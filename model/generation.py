@@ -1,0 +1,164 @@
+"""Streaming, cancellable generation on a background thread.
+
+``stream_reply`` runs ``model.generate`` in a thread and yields text as it is decoded
+(``TextIteratorStreamer``). ``cancel()`` sets an event that a ``StoppingCriteria`` checks after
+every decoding step, so the generate thread ends within one step of a cancel — the GPU is free
+again, not merely the UI.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from .processing import EOS_TEXT, DeepseekVL2Processor, Message
+
+
+@dataclass
+class GenerationSettings:
+    """Sampling settings; defaults are the official demo's (temperature 0 means greedy)."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.1
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1
+    min_new_tokens: int = 0
+    seed: int | None = None
+
+    def generate_kwargs(self) -> dict:
+        kwargs: dict = {
+            "max_new_tokens": self.max_new_tokens,
+            "repetition_penalty": self.repetition_penalty,
+            "min_new_tokens": self.min_new_tokens,
+        }
+        if self.temperature > 0:
+            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+
+GREEDY = GenerationSettings(temperature=0.0, repetition_penalty=1.0)
+
+
+class CancelOnEvent(StoppingCriteria):
+    """Stops generation at the first step after ``event`` is set; counts the steps it saw."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+        self.steps = 0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        self.steps += 1
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class ReplyStream:
+    """Iterate for text deltas; ``text`` holds the reply so far (eos marker removed)."""
+
+    def __init__(self, streamer: TextIteratorStreamer, cancel_event: threading.Event, criteria: CancelOnEvent):
+        self._streamer = streamer
+        self._cancel_event = cancel_event
+        self.criteria = criteria
+        self.text = ""
+        self.error: BaseException | None = None
+        self.steps_at_cancel: int | None = None
+        self.thread: threading.Thread | None = None
+
+    def cancel(self) -> None:
+        if not self._cancel_event.is_set():
+            self.steps_at_cancel = self.criteria.steps
+            self._cancel_event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel_event.is_set()
+
+    def __iter__(self) -> Iterator[str]:
+        pending = ""
+        for piece in self._streamer:
+            pending += piece
+            # Hold back a possible partial eos marker so it never flashes in the UI.
+            visible, pending = _split_safe(pending)
+            if visible:
+                self.text += visible
+                yield visible
+        tail = pending.replace(EOS_TEXT, "")
+        if tail:
+            self.text += tail
+            yield tail
+        if self.thread is not None:
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def join(self, timeout: float | None = None) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+
+def _split_safe(text: str) -> tuple[str, str]:
+    text = text.replace(EOS_TEXT, "")
+    for keep in range(min(len(EOS_TEXT) - 1, len(text)), 0, -1):
+        if EOS_TEXT.startswith(text[-keep:]):
+            return text[:-keep], text[-keep:]
+    return text, ""
+
+
+def stream_reply(
+    model,
+    processor: DeepseekVL2Processor,
+    conversation: Sequence[Message],
+    settings: GenerationSettings | None = None,
+    *,
+    system_prompt: str = "",
+    cancel_event: threading.Event | None = None,
+) -> ReplyStream:
+    """Start generating the assistant's reply to ``conversation``; returns the stream at once."""
+    settings = settings or GenerationSettings()
+    inputs = processor(conversation, system_prompt=system_prompt)
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=False)
+    event = cancel_event or threading.Event()
+    criteria = CancelOnEvent(event)
+    stream = ReplyStream(streamer, event, criteria)
+    special = processor.special
+
+    def run() -> None:
+        try:
+            if settings.seed is not None:
+                torch.manual_seed(settings.seed)
+            model.generate(
+                **inputs,
+                streamer=streamer,
+                stopping_criteria=StoppingCriteriaList([criteria]),
+                eos_token_id=special.eos,
+                pad_token_id=special.pad,
+                use_cache=True,
+                **settings.generate_kwargs(),
+            )
+        except BaseException as exc:  # surfaced to the consumer by ReplyStream.__iter__
+            stream.error = exc
+            streamer.end()
+
+    stream.thread = threading.Thread(target=run, name="vl2-generate", daemon=True)
+    stream.thread.start()
+    return stream
+
+
+def generate_text(
+    model,
+    processor: DeepseekVL2Processor,
+    conversation: Sequence[Message],
+    settings: GenerationSettings | None = None,
+    *,
+    system_prompt: str = "",
+) -> str:
+    """Blocking convenience: the whole reply as one string."""
+    stream = stream_reply(model, processor, conversation, settings, system_prompt=system_prompt)
+    for _ in stream:
+        pass
+    return stream.text

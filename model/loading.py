@@ -1,0 +1,283 @@
+"""One call from a hub id or a local folder to a ready model and processor.
+
+``load_model("deepseek-ai/deepseek-vl2-tiny", quantization="4bit")`` resolves the checkpoint
+(hub download or local directory with the same files), builds the config from the published
+``config.json``, loads the unchanged safetensors through transformers' own loader (renames
+registered in ``model/modeling.py``), checks that no weight was missing, unexpected or left
+unquantized, and returns the model in eval mode with its processor.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .configuration import ConfigError, DeepseekVL2Config, load_official_config, variant_name
+from .experts import RoutedExperts
+from .modeling import DeepseekVL2ForCausalLM
+from .processing import DeepseekVL2Processor
+
+Quantization = Literal["4bit", "8bit"] | None
+KNOWN_MODELS = ("deepseek-ai/deepseek-vl2-tiny", "deepseek-ai/deepseek-vl2-small", "deepseek-ai/deepseek-vl2")
+CHECKPOINT_FILES = [
+    "config.json",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "model.safetensors.index.json",
+    "*.safetensors",
+]
+# Modules that stay in full precision under 4/8-bit: the vision tower and projector are small and
+# sensitive, and lm_head is the logit layer (quantizing it costs accuracy for little memory).
+# MLA's kv_b_proj (2 % of Small) stays too: it is applied to a 4-D latent, which bitsandbytes'
+# int8 CPU path mishandles, and absorbed-MLA decoding needs its real values.
+UNQUANTIZED_MODULES = ["vision", "projector", "lm_head", "kv_b_proj"]
+
+
+class ModelLoadError(RuntimeError):
+    """Loading failed for a reason the user can act on; the message says what to do."""
+
+
+class QuantizationUnavailable(ModelLoadError):
+    """4-bit/8-bit was requested where bitsandbytes cannot run."""
+
+
+@dataclass
+class LoadInfo:
+    model_id: str
+    path: str
+    variant: str
+    device: str
+    dtype: str
+    quantization: str | None
+    bytes_by_dtype: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_by_dtype.values())
+
+    def summary(self) -> str:
+        precision = self.quantization or self.dtype.removeprefix("torch.")
+        return f"{self.model_id} · {self.variant} · {precision} · {self.device} · {self.total_bytes / 2**30:.2f} GiB"
+
+
+@dataclass
+class LoadedModel:
+    model: DeepseekVL2ForCausalLM
+    processor: DeepseekVL2Processor
+    info: LoadInfo
+
+
+# -- checkpoint resolution ------------------------------------------------------------------------
+def resolve_checkpoint(model_id_or_path: str | os.PathLike[str], *, revision: str | None = None) -> Path:
+    """A local directory as is, or a hub repo downloaded (or found in the cache)."""
+    local = Path(model_id_or_path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").exists():
+            raise ModelLoadError(f"{local} has no config.json: point --model at a DeepSeek-VL2 checkpoint folder")
+        return local
+    repo_id = str(model_id_or_path)
+    if local.exists() or repo_id.startswith((".", "/", "~")) or repo_id.count("/") != 1:
+        raise ModelLoadError(
+            f"{repo_id}: no checkpoint folder there, and it is not a hub id like deepseek-ai/deepseek-vl2-tiny"
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=CHECKPOINT_FILES))
+    except GatedRepoError as exc:
+        raise ModelLoadError(
+            f"{repo_id} is gated: accept its licence on huggingface.co and log in with `hf auth login`"
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise ModelLoadError(
+            f"{repo_id} was not found on the Hugging Face hub (or is private). Known models: {', '.join(KNOWN_MODELS)}"
+        ) from exc
+    except LocalEntryNotFoundError as exc:
+        raise ModelLoadError(
+            f"cannot reach the Hugging Face hub to download {repo_id}, and it is not in the local cache. "
+            "Download it elsewhere (`hf download " + repo_id + " --local-dir DIR`) and pass --model DIR."
+        ) from exc
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise ModelLoadError(
+                f"disk full while downloading {repo_id}; free space or set HF_HOME to a larger disk"
+            ) from exc
+        raise ModelLoadError(f"could not download {repo_id}: {exc}") from exc
+
+
+# -- device, dtype, quantization -------------------------------------------------------------------
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """bf16 on GPUs that have it; fp32 on CPU, where bf16 matmuls are slow on most chips (AVX2)."""
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "fp32": torch.float32, "float32": torch.float32}  # fmt: skip
+    if dtype not in names:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of bf16, fp16, fp32")
+    return names[dtype]
+
+
+def normalize_quantization(quantization: str | None) -> Quantization:
+    if quantization in (None, "", "none", "None"):
+        return None
+    aliases = {
+        "4bit": "4bit",
+        "4-bit": "4bit",
+        "nf4": "4bit",
+        "8bit": "8bit",
+        "8-bit": "8bit",
+        "int8": "8bit",
+    }
+    if quantization not in aliases:
+        raise ModelLoadError(f"unknown quantization {quantization!r}; use 4bit, 8bit or none")
+    return aliases[quantization]  # type: ignore[return-value]
+
+
+def check_bitsandbytes(device: str, quantization: str) -> None:
+    """Raise :class:`QuantizationUnavailable` with the alternative when bitsandbytes cannot run here."""
+    alternative = (
+        "Run without quantization (--quantization none; Tiny needs about 7 GB in bf16), "
+        "or use a CUDA GPU or CPU with bitsandbytes installed."
+    )
+    try:
+        import bitsandbytes as bnb
+    except Exception as exc:  # ImportError, or a broken native library
+        raise QuantizationUnavailable(
+            f"{quantization} needs bitsandbytes, which is not usable here ({exc.__class__.__name__}: {exc}). "
+            f"Install it with `pip install bitsandbytes`. {alternative}"
+        ) from exc
+    device_type = torch.device(device).type
+    supported = set(getattr(bnb, "supported_torch_devices", {"cuda", "cpu"}))
+    if device_type not in supported:
+        raise QuantizationUnavailable(
+            f"bitsandbytes {getattr(bnb, '__version__', '')} has no {device_type} backend "
+            f"(supported: {', '.join(sorted(supported))}). {alternative}"
+        )
+
+
+def bnb_config(quantization: str, compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+            llm_int8_skip_modules=UNQUANTIZED_MODULES,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=UNQUANTIZED_MODULES)
+
+
+# -- checks -----------------------------------------------------------------------------------------
+def bytes_by_dtype(model: nn.Module) -> dict[str, int]:
+    counts: Counter[str] = Counter()
+    for tensor in [*model.parameters(), *model.buffers()]:
+        counts[str(tensor.dtype).removeprefix("torch.")] += tensor.numel() * tensor.element_size()
+    return dict(counts)
+
+
+def unquantized_expert_weights(model: nn.Module) -> list[str]:
+    """Names of routed/shared expert weights still stored in floating point (should be empty under bnb)."""
+    leftovers = []
+    for name, module in model.named_modules():
+        is_expert = isinstance(module, RoutedExperts) or name.endswith("shared_experts")
+        if not is_expert:
+            continue
+        for sub_name, param in module.named_parameters():
+            if param.dtype.is_floating_point and sub_name.endswith("weight"):
+                leftovers.append(f"{name}.{sub_name}")
+    return leftovers
+
+
+def _check_loading_info(info: dict) -> None:
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        details = "; ".join(f"{k}: {sorted(map(str, v))[:8]}" for k, v in problems.items())
+        raise ModelLoadError(f"the checkpoint does not match the DeepSeek-VL2 layout ({details})")
+
+
+# -- the one call -----------------------------------------------------------------------------------
+def load_model(
+    model_id_or_path: str | os.PathLike[str],
+    *,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    quantization: str | None = None,
+    revision: str | None = None,
+    attn_implementation: str = "sdpa",
+) -> LoadedModel:
+    """Load an official DeepSeek-VL2 checkpoint (hub id or local folder) ready for inference."""
+    quantization = normalize_quantization(quantization)
+    device = device or default_device()
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device} was asked for, but no CUDA GPU is visible; use --device cpu")
+    torch_dtype = parse_dtype(dtype, device)
+    if quantization:
+        check_bitsandbytes(device, quantization)
+    path = resolve_checkpoint(model_id_or_path, revision=revision)
+    try:
+        config = load_official_config(path)
+    except (ConfigError, KeyError, ValueError) as exc:
+        raise ModelLoadError(f"{path}/config.json is not a DeepSeek-VL2 config: {exc}") from exc
+    kwargs = {}
+    if quantization:
+        kwargs["quantization_config"] = bnb_config(quantization, torch_dtype)
+    try:
+        model, info = DeepseekVL2ForCausalLM.from_pretrained(
+            path,
+            config=config,
+            dtype=torch_dtype,
+            device_map={"": device},
+            attn_implementation=attn_implementation,
+            output_loading_info=True,
+            **kwargs,
+        )
+    except torch.OutOfMemoryError as exc:
+        raise ModelLoadError(
+            f"out of memory loading {model_id_or_path} on {device} in {quantization or torch_dtype}; "
+            "try --quantization 4bit, a smaller model, or --device cpu"
+        ) from exc
+    _check_loading_info(info)
+    if quantization:
+        leftovers = unquantized_expert_weights(model)
+        if leftovers:
+            raise ModelLoadError(f"{len(leftovers)} expert weights were not quantized, e.g. {leftovers[:3]}")
+    model.eval()
+    processor = DeepseekVL2Processor.from_pretrained(path)
+    load_info = LoadInfo(
+        model_id=str(model_id_or_path),
+        path=str(path),
+        variant=variant_name(config),
+        device=device,
+        dtype=str(torch_dtype),
+        quantization=quantization,
+        bytes_by_dtype=bytes_by_dtype(model),
+    )
+    return LoadedModel(model=model, processor=processor, info=load_info)
+
+
+def config_from_pretrained(model_id_or_path: str | os.PathLike[str]) -> DeepseekVL2Config:
+    return load_official_config(resolve_checkpoint(model_id_or_path))

@@ -1,0 +1,277 @@
+"""DeepSeek-VL2 as a composition of transformers 5 parts.
+
+What is ours: the 2×2 down-sampling projector, the tile layout (global view, separator, local
+grid with a learned newline after every row), the scatter of image embeddings into the token
+sequence, and the renames that let the unchanged hub checkpoints load. Vision is transformers'
+``SiglipVisionModel`` (bit-exact after renaming), the language model is per variant
+(``model/language.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel, SiglipVisionModel
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import Chunk, ConversionOps, WeightConverter, WeightRenaming
+
+from .configuration import DeepseekVL2Config
+from .language import build_language_model
+
+
+class MlpProjector(nn.Module):
+    """SigLIP features ``[N, 27·27, C]`` → ``[N, 14·14, D]``.
+
+    The 27×27 grid is zero-padded on the right and bottom to 28×28, then every 2×2 block becomes
+    one vector in ``F.unfold`` order: element ``c·4 + di·2 + dj`` is channel ``c`` of patch
+    ``(2i+di, 2j+dj)`` (channel-major, not four concatenated patch vectors).
+    """
+
+    def __init__(self, input_dim: int, n_embed: int, depth: int, mlp_ratio: int, downsample_ratio: int) -> None:
+        super().__init__()
+        self.downsample_ratio = downsample_ratio
+        hidden = n_embed * mlp_ratio
+        modules: list[nn.Module] = [nn.Linear(input_dim * downsample_ratio**2, hidden)]
+        for _ in range(1, depth - 1):
+            modules += [nn.GELU(), nn.Linear(hidden, hidden)]
+        modules += [nn.GELU(), nn.Linear(hidden, n_embed)]
+        self.layers = nn.Sequential(*modules)
+
+    def downsample(self, features: torch.Tensor) -> torch.Tensor:
+        n, tokens, channels = features.shape
+        side = math.isqrt(tokens)
+        if side * side != tokens:
+            raise ValueError(f"expected a square patch grid, got {tokens} tokens")
+        grid = features.transpose(1, 2).reshape(n, channels, side, side)
+        pad = (-side) % self.downsample_ratio
+        grid = F.pad(grid, (0, pad, 0, pad))
+        blocks = F.unfold(grid, kernel_size=self.downsample_ratio, stride=self.downsample_ratio)
+        return blocks.transpose(1, 2)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(self.downsample(features))
+
+
+class _DropLeadingDim(ConversionOps):
+    """``vision.pos_embed`` is stored as ``[1, 729, C]``; ``nn.Embedding`` wants ``[729, C]``."""
+
+    def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+        tensor = next(iter(input_dict.values()))
+        tensor = tensor[0] if isinstance(tensor, list) else tensor
+        return {target_patterns[0]: tensor.reshape(tensor.shape[-2:]).contiguous()}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return _AddLeadingDim()
+
+
+class _AddLeadingDim(ConversionOps):
+    def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+        tensor = next(iter(input_dict.values()))
+        tensor = tensor[0] if isinstance(tensor, list) else tensor
+        return {target_patterns[0]: tensor.unsqueeze(0).contiguous()}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return _DropLeadingDim()
+
+
+def checkpoint_conversions() -> list:
+    """Official (timm-named) vision keys → ``SiglipVisionModel`` names. Everything else matches as is."""
+    return [
+        WeightRenaming(r"^vision\.blocks\.(\d+)\.", r"vision.encoder.layers.\1."),
+        WeightRenaming(r"^vision\.patch_embed\.proj\.", "vision.embeddings.patch_embedding."),
+        WeightRenaming(r"^vision\.norm\.", "vision.post_layernorm."),
+        WeightRenaming(r"^(vision\.encoder\.layers\.\d+)\.norm1\.", r"\1.layer_norm1."),
+        WeightRenaming(r"^(vision\.encoder\.layers\.\d+)\.norm2\.", r"\1.layer_norm2."),
+        WeightRenaming(r"^(vision\.encoder\.layers\.\d+)\.attn\.proj\.", r"\1.self_attn.out_proj."),
+        WeightConverter(
+            source_patterns="attn.qkv",
+            target_patterns=["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+            operations=[Chunk(dim=0)],
+        ),
+        WeightConverter(
+            source_patterns="vision.pos_embed",
+            target_patterns="vision.embeddings.position_embedding.weight",
+            operations=[_DropLeadingDim()],
+        ),
+    ]
+
+
+class DeepseekVL2ForCausalLM(PreTrainedModel):
+    config: DeepseekVL2Config
+    config_class = DeepseekVL2Config
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _no_split_modules = [
+        "SiglipEncoderLayer",
+        "DeepseekOcr2TextDecoderLayer",
+        "DeepseekV2DecoderLayer",
+        "DeepseekV3DecoderLayer",
+    ]
+    # The SigLIP attention-pool head is stored in every checkpoint but DeepSeek-VL2 never runs it.
+    _keys_to_ignore_on_load_unexpected = [r"^vision\.attn_pool\."]
+
+    def __init__(self, config: DeepseekVL2Config) -> None:
+        super().__init__(config)
+        text = config.text_config
+        self.vision = SiglipVisionModel(config.vision_config)
+        self.projector = MlpProjector(
+            config.projector_input_dim,
+            text.hidden_size,
+            config.projector_depth,
+            config.projector_mlp_ratio,
+            config.downsample_ratio,
+        )
+        # Learned vectors written into the sequence after every row of image tokens and between the
+        # global and local views (the misspelling is the checkpoint's key name).
+        self.image_newline = nn.Parameter(torch.empty(text.hidden_size))
+        self.view_seperator = nn.Parameter(torch.empty(text.hidden_size))
+        self.language = build_language_model(text)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if module is self:
+            std = 1.0 / math.sqrt(self.config.text_config.hidden_size)
+            nn.init.normal_(self.image_newline, std=std)
+            nn.init.normal_(self.view_seperator, std=std)
+
+    # -- vision side -------------------------------------------------------------------------
+    @property
+    def tokens_per_tile_side(self) -> int:
+        vision = self.config.vision_config
+        return math.ceil((vision.image_size // vision.patch_size) / self.config.downsample_ratio)
+
+    def encode_tiles(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, 384, 384]`` tiles → ``[N, 196, D]`` projected features."""
+        vision_dtype = self.vision.embeddings.patch_embedding.weight.dtype
+        features = self.vision(pixel_values=pixel_values.to(vision_dtype)).last_hidden_state
+        projector_dtype = self.projector.layers[0].weight.dtype
+        return self.projector(features.to(projector_dtype))
+
+    def layout_image(self, tiles: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """One image's projected tiles (global first) → its token sequence (global, separator, locals)."""
+        side = self.tokens_per_tile_side
+        width, height = grid
+        dim = tiles.shape[-1]
+        newline = self.image_newline.to(tiles.dtype)
+
+        def with_row_newlines(rows: torch.Tensor) -> torch.Tensor:
+            col = newline.view(1, 1, dim).expand(rows.shape[0], 1, dim)
+            return torch.cat([rows, col], dim=1).reshape(-1, dim)
+
+        global_view = with_row_newlines(tiles[0].view(side, side, dim))
+        local = tiles[1 : 1 + width * height].view(height, width, side, side, dim)
+        local = local.permute(0, 2, 1, 3, 4).reshape(height * side, width * side, dim)
+        separator = self.view_seperator.to(tiles.dtype).view(1, dim)
+        return torch.cat([global_view, separator, with_row_newlines(local)], dim=0)
+
+    def image_embeddings(self, pixel_values: torch.Tensor, images_spatial_crop: torch.Tensor) -> list[torch.Tensor]:
+        """Per sample, the concatenated image-token embeddings of all its images (possibly empty)."""
+        owned: list[torch.Tensor] = []
+        grids: list[list[tuple[int, int]]] = []
+        for sample_tiles, crops in zip(pixel_values, images_spatial_crop, strict=True):
+            sample_grids: list[tuple[int, int]] = []
+            for nw, nh in crops.tolist():
+                if nw == 0 or nh == 0:
+                    break
+                sample_grids.append((nw, nh))
+            count = sum(1 + nw * nh for nw, nh in sample_grids)
+            owned.append(sample_tiles[:count])
+            grids.append(sample_grids)
+        all_tiles = torch.cat(owned, dim=0)
+        if all_tiles.shape[0] == 0:
+            return [all_tiles.new_zeros(0, self.config.text_config.hidden_size) for _ in grids]
+        projected = self.encode_tiles(all_tiles)
+        per_sample: list[torch.Tensor] = []
+        cursor = 0
+        for sample_grids in grids:
+            pieces = []
+            for grid in sample_grids:
+                n = 1 + grid[0] * grid[1]
+                pieces.append(self.layout_image(projected[cursor : cursor + n], grid))
+                cursor += n
+            per_sample.append(torch.cat(pieces) if pieces else projected.new_zeros(0, projected.shape[-1]))
+        return per_sample
+
+    def prepare_inputs_embeds(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        images_seq_mask: torch.Tensor | None = None,
+        images_spatial_crop: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with the image placeholders overwritten, in order, by image embeddings."""
+        embed = self.language.get_input_embeddings()
+        embeds = embed(input_ids)
+        if pixel_values is None or images_seq_mask is None or images_spatial_crop is None:
+            return embeds
+        if not bool(images_seq_mask.any()):
+            return embeds
+        per_sample = self.image_embeddings(pixel_values.to(embeds.device), images_spatial_crop)
+        for row, (mask, image_embeds) in enumerate(zip(images_seq_mask, per_sample, strict=True)):
+            expected = int(mask.sum())
+            if expected != image_embeds.shape[0]:
+                raise ValueError(
+                    f"sample {row}: {expected} image placeholder tokens but {image_embeds.shape[0]} image "
+                    "embeddings; the prompt and images_spatial_crop disagree"
+                )
+        stacked = torch.cat(per_sample).to(embeds.dtype)
+        return embeds.masked_scatter(images_seq_mask.to(embeds.device).unsqueeze(-1), stacked)
+
+    # -- language side -----------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language.get_input_embeddings()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        images_seq_mask: torch.Tensor | None = None,
+        images_spatial_crop: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        if inputs_embeds is None:
+            inputs_embeds = self.prepare_inputs_embeds(input_ids, pixel_values, images_seq_mask, images_spatial_crop)
+        return self.language(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        images_seq_mask: torch.Tensor | None = None,
+        images_spatial_crop: torch.Tensor | None = None,
+        **generate_kwargs,
+    ) -> torch.Tensor:
+        """Run vision once, then let the language model's ``generate`` decode from the embeddings.
+
+        Returns only the new tokens (``[B, new]``).
+        """
+        device = self.get_input_embeddings().weight.device
+        input_ids = input_ids.to(device)
+        inputs_embeds = self.prepare_inputs_embeds(input_ids, pixel_values, images_seq_mask, images_spatial_crop)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(device=device, dtype=torch.long)
+        output = self.language.generate(
+            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
+        )
+        sequences = output.sequences if hasattr(output, "sequences") else output
+        return sequences[:, input_ids.shape[1] :]
+
+
+def param_count(model: nn.Module, names: Sequence[str] | None = None) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if names is None or n.split(".")[0] in names)
+
+
+register_checkpoint_conversion_mapping(DeepseekVL2ForCausalLM.__name__, checkpoint_conversions(), overwrite=True)

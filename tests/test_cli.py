@@ -1,0 +1,102 @@
+"""``python -m model …`` as a user's script would call it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .test_model_forward import _gradient_image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "model", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
+
+
+@pytest.mark.parametrize(
+    ("size", "images", "grid", "tokens"),
+    [
+        ("640x480", 1, [2, 2], 1023),
+        ("1920x1080", 1, [4, 2], 1807),
+        ("100x2000", 2, [1, 6], 1471),
+        ("640x480", 3, [1, 1], 421),
+    ],
+)
+def test_plan(size, images, grid, tokens):
+    result = run_cli("plan", "--size", size, "--images", str(images))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"grid": grid, "tiles": 1 + grid[0] * grid[1], "image_tokens": tokens}
+
+
+def test_parse_reads_stdin():
+    text = (
+        "<|ref|>cat<|/ref|><|det|>[[0, 0, 999, 999], [100, 200, 300, 400]]<|/det|>"
+        "<|ref|>x<|/ref|><|det|>[[1,2,3]]<|/det|>"
+    )
+    result = run_cli("parse", "--size", "640x480", stdin=text)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert [b["label"] for b in document["boxes"]] == ["cat", "cat"]
+    assert document["boxes"][0]["xyxy"] == [0.0, 0.0, 640.0, 480.0]
+    assert document["boxes"][1]["norm999"] == [100, 200, 300, 400]
+    assert len(document["rejected"]) == 1
+
+
+def test_bad_size_is_a_usage_error():
+    result = run_cli("plan", "--size", "wide")
+    assert result.returncode == 2 and "640x480" in result.stderr
+
+
+def test_ground_and_chat_on_a_generated_checkpoint(checkpoints, tmp_path):
+    image_path = tmp_path / "photo.png"
+    _gradient_image(320, 200).save(image_path)
+    model = str(checkpoints["tiny"])
+    result = run_cli(
+        "ground",
+        "--model",
+        model,
+        "--image",
+        str(image_path),
+        "--dtype",
+        "fp32",
+        "--max-new-tokens",
+        "8",
+        "the red car",
+    )
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert set(document) == {"boxes", "rejected", "text"} and isinstance(document["text"], str)
+    chat = run_cli(
+        "chat",
+        "--model",
+        model,
+        "--image",
+        str(image_path),
+        "--dtype",
+        "fp32",
+        "--max-new-tokens",
+        "8",
+        "Hi?",
+    )
+    assert chat.returncode == 0, chat.stderr
+
+
+def test_missing_model_is_explained():
+    result = run_cli("ground", "--model", "/nonexistent/ckpt", "--image", "x.png", "thing")
+    assert result.returncode == 2
+    assert "error:" in result.stderr

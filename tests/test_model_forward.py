@@ -1,0 +1,191 @@
+"""The forward pass: vision parity, projector order, tile layout, routing, cached decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.image_processing import image_token_count
+from model.modeling import MlpProjector
+from model.testing import VARIANTS
+
+from .reference import official_routing, official_vit
+from .test_model_loading import read_checkpoint
+
+
+def test_projector_unfold_order_is_channel_major_with_zero_padding():
+    channels, side = 3, 27
+    # feature value encodes (channel, row, col) so every slot of the output can be decoded
+    rows = torch.arange(side).view(side, 1).expand(side, side)
+    cols = torch.arange(side).view(1, side).expand(side, side)
+    grid = torch.stack([1000 * (c + 1) + rows * 30 + cols + 1 for c in range(channels)], dim=-1).float()
+    features = grid.reshape(1, side * side, channels)
+    projector = MlpProjector(channels, 8, depth=2, mlp_ratio=1, downsample_ratio=2)
+    blocks = projector.downsample(features)
+    assert blocks.shape == (1, 14 * 14, channels * 4)
+    for i, j in [(0, 0), (3, 7), (13, 0), (0, 13), (13, 13)]:
+        vector = blocks[0, i * 14 + j]
+        for c in range(channels):
+            for di in range(2):
+                for dj in range(2):
+                    r, q = 2 * i + di, 2 * j + dj
+                    expected = 0.0 if r >= side or q >= side else 1000 * (c + 1) + r * 30 + q + 1
+                    assert vector[c * 4 + di * 2 + dj].item() == expected
+
+
+def test_projector_output_shape(loaded_fp32):
+    model = loaded_fp32["tiny"].model
+    tiles = torch.randn(2, 3, 384, 384)
+    out = model.encode_tiles(tiles)
+    assert out.shape == (2, 196, model.config.text_config.hidden_size)
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (2, 2), (3, 2), (1, 6)])
+def test_tile_layout_places_separator_and_row_newlines(loaded_fp32, grid):
+    model = loaded_fp32["tiny"].model
+    nw, nh = grid
+    dim = model.config.text_config.hidden_size
+    tiles = torch.randn(1 + nw * nh, 196, dim)
+    sequence = model.layout_image(tiles, grid)
+    assert sequence.shape[0] == image_token_count(nw, nh)
+    newline, separator = model.image_newline, model.view_seperator
+    # global view: 14 rows of 14 tokens + newline, then the separator
+    for row in range(14):
+        torch.testing.assert_close(sequence[row * 15 : row * 15 + 14], tiles[0, row * 14 : row * 14 + 14])
+        torch.testing.assert_close(sequence[row * 15 + 14], newline)
+    torch.testing.assert_close(sequence[210], separator)
+    local = sequence[211:].view(nh * 14, nw * 14 + 1, dim)
+    torch.testing.assert_close(local[:, -1], newline.expand(nh * 14, dim))
+    # token (r, c) of the local grid comes from tile (r//14, c//14), position (r%14, c%14)
+    for r, c in [(0, 0), (nh * 14 - 1, nw * 14 - 1), (nh * 7, nw * 14 - 3)]:
+        tile = 1 + (r // 14) * nw + (c // 14)
+        torch.testing.assert_close(local[r, c], tiles[tile, (r % 14) * 14 + c % 14])
+
+
+def test_vision_tower_matches_official_vit(checkpoints, loaded_fp32):
+    model = loaded_fp32["tiny"].model
+    raw = read_checkpoint(checkpoints["tiny"])
+    tiles = torch.rand(2, 3, 384, 384) * 2 - 1
+    heads = model.config.vision_config.num_attention_heads
+    with torch.no_grad():
+        expected = official_vit(raw, tiles, heads)
+        ours = model.vision(pixel_values=tiles).last_hidden_state
+    assert ours.shape == (2, 729, model.config.vision_config.hidden_size)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_routing_matches_official(variant, loaded_fp32):
+    model = loaded_fp32[variant].model
+    text = model.config.text_config
+    captured = {}
+    layer = model.language.model.layers[1].mlp
+
+    def hook(_module, inputs, outputs):
+        captured["hidden"] = inputs[0]
+        captured["out"] = outputs
+
+    handle = layer.gate.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.randint(0, 200, (2, 9)))
+    finally:
+        handle.remove()
+    logits, weights, ids = captured["out"]
+    method = "noaux_tc" if variant == "base" else "greedy"
+    bias = layer.gate.e_score_correction_bias if variant == "base" else None
+    ref_weights, ref_ids = official_routing(
+        logits, top_k=text.num_experts_per_tok, method=method, bias=bias, scale=text.routed_scaling_factor
+    )
+    order, ref_order = ids.argsort(-1), ref_ids.argsort(-1)
+    assert torch.equal(ids.gather(-1, order), ref_ids.gather(-1, ref_order))
+    torch.testing.assert_close(weights.gather(-1, order), ref_weights.gather(-1, ref_order))
+    sums = weights.sum(-1)
+    if variant == "base":
+        torch.testing.assert_close(sums, torch.full_like(sums, 2.0))
+    else:
+        top_mass = logits.float().softmax(-1).topk(text.num_experts_per_tok, dim=-1).values.sum(-1)
+        torch.testing.assert_close(sums, top_mass)
+        assert bool((sums < 1).all())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cached_decoding_equals_uncached_forward(variant, loaded_fp32):
+    from model.processing import Message
+
+    loaded = loaded_fp32[variant]
+    model, processor = loaded.model, loaded.processor
+    image = _gradient_image(320, 240)
+    inputs = processor([Message("user", "Describe <image> please.", [image])])
+    embeds = model.prepare_inputs_embeds(
+        inputs["input_ids"], inputs["pixel_values"], inputs["images_seq_mask"], inputs["images_spatial_crop"]
+    )
+    with torch.no_grad():
+        out = model.language.generate(
+            input_ids=inputs["input_ids"],
+            inputs_embeds=embeds,
+            attention_mask=inputs["attention_mask"].long(),
+            max_new_tokens=16,
+            min_new_tokens=16,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=processor.special.pad,
+        )
+        new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :]
+        assert new_tokens.shape[1] == 16
+        full_ids = torch.cat([inputs["input_ids"], new_tokens], dim=1)
+        full_mask = torch.cat([inputs["images_seq_mask"], torch.zeros_like(new_tokens, dtype=torch.bool)], dim=1)
+        full = model(
+            input_ids=full_ids,
+            pixel_values=inputs["pixel_values"],
+            images_seq_mask=full_mask,
+            images_spatial_crop=inputs["images_spatial_crop"],
+            use_cache=False,
+        ).logits
+    prompt_len = inputs["input_ids"].shape[1]
+    for step, step_logits in enumerate(out.logits):
+        torch.testing.assert_close(step_logits[0], full[0, prompt_len - 1 + step], rtol=1e-4, atol=1e-4)
+    # greedy: each generated token is the argmax of the uncached logits at its position
+    assert torch.equal(full[0, prompt_len - 1 : -1].argmax(-1), new_tokens[0])
+
+
+def test_prefill_and_greedy_tokens_through_public_generate(loaded_fp32):
+    from model.processing import Message
+
+    for variant in VARIANTS:
+        loaded = loaded_fp32[variant]
+        inputs = loaded.processor([Message("user", "<|ref|>the square<|/ref|>.", [_gradient_image(500, 300)])])
+        new = loaded.model.generate(
+            **inputs,
+            max_new_tokens=16,
+            min_new_tokens=16,
+            do_sample=False,
+            pad_token_id=loaded.processor.special.pad,
+        )
+        assert new.shape == (1, 16)
+
+
+def test_batched_left_padding_matches_single(loaded_fp32):
+    from model.processing import Message
+
+    loaded = loaded_fp32["small"]
+    model, processor = loaded.model, loaded.processor
+    short = [Message("user", "Hi <image>", [_gradient_image(200, 200)])]
+    long = [Message("user", "A longer question about this picture, please answer <image>", [_gradient_image(300, 500)])]
+    batch = processor([short, long])
+    single = processor(short)
+    with torch.no_grad():
+        batched_logits = model(**batch).logits
+        single_logits = model(**single).logits
+    assert batch["attention_mask"][0, 0].item() is False  # left padded
+    torch.testing.assert_close(batched_logits[0, -1], single_logits[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def _gradient_image(width: int, height: int):
+    from PIL import Image
+
+    x = torch.linspace(0, 255, width).view(1, width).expand(height, width)
+    y = torch.linspace(0, 255, height).view(height, 1).expand(height, width)
+    rgb = torch.stack([x, y, 255 - x], dim=-1).to(torch.uint8).numpy()
+    return Image.fromarray(rgb, "RGB")
