@@ -57,10 +57,12 @@ class Session:
     colors: ColorBook = field(default_factory=ColorBook)
     cancel_event: threading.Event = field(default_factory=threading.Event)
     notices: list[str] = field(default_factory=list)
+    images_added: int = 0  # keys are never reused, even after old turns are dropped
 
     # -- images ------------------------------------------------------------------------------
     def add_image(self, image: Image.Image, name: str) -> SessionImage:
-        key = f"img{len(self.images) + 1}"
+        self.images_added += 1
+        key = f"img{self.images_added}"
         entry = SessionImage(key=key, name=name, image=image, turn=len(self.turns))
         self.images[key] = entry
         self.pending_images.append(key)

@@ -24,6 +24,8 @@ SESSION_TTL_SECONDS = 2 * 3600
 CSS = """
 #header h1 {margin-bottom: 0}
 #notice {border-left: 4px solid #f5a623; padding-left: 8px}
+#chat img {max-height: 200px; width: auto}
+#gallery .thumbnail-item {height: 84px}
 """
 
 
@@ -66,8 +68,16 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None) -> gr.B
         )
 
     @gpu
-    def respond(message: dict | None, mode: str, temperature: float, top_p: float, repetition_penalty: float,
-                max_new_tokens: int, session: Session | None, request: gr.Request) -> Iterator[tuple]:  # fmt: skip
+    def respond(
+        message: dict | None,
+        mode: str,
+        temperature: float,
+        top_p: float,
+        repetition_penalty: float,
+        max_new_tokens: int,
+        session: Session | None,
+        request: gr.Request,
+    ) -> Iterator[tuple]:
         session = session_of(session, request)
         message = message or {}
         problems = controller.ingest(session, message.get("files") or [])
@@ -81,9 +91,11 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None) -> gr.B
             yield (*render_all(session), gr.update(value={"text": message.get("text", ""), "files": []}), session)
             return
         settings = GenerationSettings(
-            temperature=float(temperature), top_p=float(top_p), repetition_penalty=float(repetition_penalty),
+            temperature=float(temperature),
+            top_p=float(top_p),
+            repetition_penalty=float(repetition_penalty),
             max_new_tokens=int(max_new_tokens),
-        )  # fmt: skip
+        )
         cleared = gr.update(value={"text": "", "files": []})
         try:
             updates = controller.run_turn(session, turn, settings)
@@ -135,8 +147,15 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None) -> gr.B
         return (*render_all(Session()), Session())
 
     @gpu
-    def retry(mode: str, temperature: float, top_p: float, repetition_penalty: float, max_new_tokens: int,
-              session: Session | None, request: gr.Request) -> Iterator[tuple]:  # fmt: skip
+    def retry(
+        mode: str,
+        temperature: float,
+        top_p: float,
+        repetition_penalty: float,
+        max_new_tokens: int,
+        session: Session | None,
+        request: gr.Request,
+    ) -> Iterator[tuple]:
         session = session_of(session, request)
         last = session.undo()
         if last is None:
@@ -160,28 +179,55 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None) -> gr.B
         timer = gr.Timer(1.0, active=getattr(backend, "status", "ready") != "ready")
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
-                image_view = gr.Image(label="Image and boxes", type="pil", interactive=False, height=560,
-                                      buttons=["download", "fullscreen"])  # fmt: skip
-                gallery = gr.Gallery(label="Images in this conversation (click to view)", columns=6, height=120,
-                                     allow_preview=False, object_fit="contain")  # fmt: skip
+                image_view = gr.Image(
+                    label="Image and boxes",
+                    type="pil",
+                    interactive=False,
+                    height=560,
+                    elem_id="image-view",
+                    buttons=["download", "fullscreen"],
+                )
+                gallery = gr.Gallery(
+                    label="Images in this conversation (click to view)",
+                    columns=8,
+                    height=150,
+                    elem_id="gallery",
+                    allow_preview=False,
+                    object_fit="contain",
+                )
                 with gr.Accordion("Raw output (the model's exact text and rejected spans)", open=False):
                     raw = gr.Code(label="Model text", language=None, lines=6, interactive=False)
             with gr.Column(scale=6):
-                chatbot = gr.Chatbot(label="Conversation", height=480, layout="panel", buttons=["copy", "copy_all"],
-                                     feedback_options=None, sanitize_html=True)  # fmt: skip
+                chatbot = gr.Chatbot(
+                    label="Conversation",
+                    height=480,
+                    layout="panel",
+                    elem_id="chat",
+                    buttons=["copy", "copy_all"],
+                    feedback_options=None,
+                    sanitize_html=True,
+                )
                 notice = gr.Markdown(visible=False, elem_id="notice")
                 keep_button = gr.Button("Keep only the active image", visible=False, size="sm")
-                mode = gr.Radio([m.value for m in Mode], value=Mode.ASK.value, label="Mode",
-                                info=" · ".join(f"{m.value}: {h}" for m, h in MODE_HELP.items()))  # fmt: skip
+                mode = gr.Radio(
+                    [m.value for m in Mode],
+                    value=Mode.ASK.value,
+                    label="Mode",
+                    info=" · ".join(f"{m.value}: {h}" for m, h in MODE_HELP.items()),
+                )
                 textbox = gr.MultimodalTextbox(
                     placeholder="Drop, paste or browse images, then ask. Enter sends.",
-                    file_count="multiple", file_types=["image"], sources=["upload"], show_label=False,
-                    submit_btn=True, stop_btn=True,
-                )  # fmt: skip
+                    file_count="multiple",
+                    file_types=["image"],
+                    sources=["upload"],
+                    show_label=False,
+                    submit_btn=True,
+                    stop_btn=True,
+                )
                 with gr.Row():
-                    retry_button = gr.Button("↻ Retry", size="sm")
-                    undo_button = gr.Button("↶ Undo", size="sm")
-                    clear_button = gr.Button("🗑 Clear", size="sm")
+                    retry_button = gr.Button("Retry", size="sm")
+                    undo_button = gr.Button("Undo", size="sm")
+                    clear_button = gr.Button("Clear", size="sm")
                 with gr.Accordion("Sampling", open=False):
                     temperature = gr.Slider(0, 1.0, value=0.1, step=0.05, label="Temperature (0 = greedy)")
                     top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
@@ -199,12 +245,22 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None) -> gr.B
         view_outputs = [chatbot, image_view, gallery, raw, notice, keep_button]
         sampling = [temperature, top_p, repetition_penalty, max_new_tokens]
         submit = textbox.submit(
-            respond, [textbox, mode, *sampling, state], [*view_outputs, textbox, state],
-            concurrency_id="model", concurrency_limit=1, api_visibility="private",
-        )  # fmt: skip
+            respond,
+            [textbox, mode, *sampling, state],
+            [*view_outputs, textbox, state],
+            concurrency_id="model",
+            concurrency_limit=1,
+            api_visibility="private",
+        )
         textbox.stop(stop, [state], None, queue=False, api_visibility="private")
-        retry_button.click(retry, [mode, *sampling, state], [*view_outputs, textbox, state],
-                           concurrency_id="model", concurrency_limit=1, api_visibility="private")  # fmt: skip
+        retry_button.click(
+            retry,
+            [mode, *sampling, state],
+            [*view_outputs, textbox, state],
+            concurrency_id="model",
+            concurrency_limit=1,
+            api_visibility="private",
+        )
         undo_button.click(undo, [state], [*view_outputs, textbox, state], api_visibility="private")
         clear_button.click(clear, [state], [*view_outputs, state], api_visibility="private")
         keep_button.click(keep_active, [state], [*view_outputs, state], api_visibility="private")

@@ -32,6 +32,7 @@ IMAGE_TAG = "<image>"
 USER_ROLE = "<|User|>"
 ASSISTANT_ROLE = "<|Assistant|>"
 EOS_TEXT = "<｜end▁of▁sentence｜>"
+PROCESSOR_FILES = ["processor_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 
 
 @dataclass
@@ -79,6 +80,11 @@ class DeepseekVL2Processor:
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | os.PathLike[str]) -> DeepseekVL2Processor:
+        """From a checkpoint folder or a hub id (only the small tokenizer/processor files are fetched)."""
+        if not os.path.isdir(checkpoint_dir):
+            from huggingface_hub import snapshot_download
+
+            checkpoint_dir = snapshot_download(str(checkpoint_dir), allow_patterns=PROCESSOR_FILES)
         config_path = os.path.join(checkpoint_dir, "processor_config.json")
         image_config = None
         if os.path.exists(config_path):

@@ -132,6 +132,18 @@ def test_bf16_load_keeps_router_in_fp32(checkpoints):
     assert loaded.info.variant == "small" and loaded.info.quantization is None
 
 
+def test_from_pretrained_class_methods_read_the_official_layout(checkpoints, loaded_fp32):
+    from model.processing import DeepseekVL2Processor
+
+    model, info = DeepseekVL2ForCausalLM.from_pretrained(checkpoints["base"], output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert model.dtype == torch.bfloat16  # the published torch_dtype
+    reference = loaded_fp32["base"].model.language.lm_head.weight
+    torch.testing.assert_close(model.language.lm_head.weight.float(), reference, rtol=0, atol=0)
+    processor = DeepseekVL2Processor.from_pretrained(checkpoints["base"])
+    assert processor.special == loaded_fp32["base"].processor.special
+
+
 def test_loader_reports_clear_errors(tmp_path, checkpoints, monkeypatch):
     with pytest.raises(ModelLoadError, match=r"no config\.json"):
         load_model(tmp_path, device="cpu")

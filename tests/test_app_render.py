@@ -1,0 +1,78 @@
+"""Box drawing: pixels land where the coordinates say, colours per label, any script, plain-text labels."""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from app.render import ColorBook, draw_boxes, font_path, for_display, line_width_for
+from app.session import Session
+from app.views import annotated_view, answer_html, raw_output
+from model.grounding import parse_grounding
+
+from .app_support import BACKGROUND, find_reply
+
+
+def test_box_outline_lands_on_the_pixel_coordinates():
+    image = Image.new("RGB", (640, 480), BACKGROUND)
+    colors = ColorBook()
+    (box,) = parse_grounding(find_reply("cat", (100, 200, 300, 400)), 640, 480).boxes
+    drawn = draw_boxes(image, [(box.xyxy, "cat")], colors)
+    color = colors.color("cat")
+    x1, y1, x2, y2 = (round(v) for v in box.xyxy)  # (64, 96, 192, 192)
+    assert drawn.getpixel(((x1 + x2) // 2, y2)) == color  # bottom edge
+    assert drawn.getpixel((x1, (y1 + y2) // 2)) == color  # left edge
+    assert drawn.getpixel((x2, (y1 + y2) // 2)) == color  # right edge
+    assert drawn.getpixel(((x1 + x2) // 2, (y1 + y2) // 2)) == BACKGROUND  # inside stays clear
+    assert drawn.getpixel((x2 + 20, y2 + 20)) == BACKGROUND
+    assert image.getpixel((x1, y1)) == BACKGROUND  # the original is untouched
+
+
+def test_each_label_gets_its_own_stable_colour():
+    colors = ColorBook()
+    first, second = colors.color("apple"), colors.color("pear")
+    assert first != second and colors.color("apple") == first
+    assert colors.hex("apple").startswith("#") and len(colors.hex("apple")) == 7
+
+
+def test_line_width_scales_with_the_image():
+    assert line_width_for(300, 200) == 2
+    assert line_width_for(900, 600) == 4
+    assert line_width_for(4000, 3000) == 20
+
+
+def test_labels_in_any_script_render_with_a_cjk_font():
+    assert font_path() is not None and "CJK" in font_path(), "install fonts-noto-cjk (packages.txt)"
+    image = Image.new("RGB", (400, 300), BACKGROUND)
+    colors = ColorBook()
+    drawn = draw_boxes(image, [((50, 80, 350, 280), "猫 القط 🐱")], colors)
+    chip = drawn.crop((50, 0, 350, 80))
+    # the label chip is filled with the box colour and carries glyph pixels in the text colour
+    pixels = set(chip.get_flattened_data())
+    assert colors.color("猫 القط 🐱") in pixels and len(pixels) > 3
+
+
+def test_markup_in_labels_is_text_not_html(tmp_path):
+    session = Session()
+    session.add_image(Image.new("RGB", (100, 100), BACKGROUND), "x.png")
+    turn = session.start_turn("q", "q", "Find")
+    session.update_reply(
+        turn, find_reply("<img src=x onerror=alert(1)>", (1, 2, 3, 4)) + " <script>x</script>", final=True
+    )
+    html = answer_html(turn, session)
+    assert "<img" not in html and "<script>" not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html and "&lt;script&gt;" in html
+    assert raw_output(session).startswith("<|ref|><img")  # the raw view shows the exact text
+
+
+def test_annotated_view_draws_on_a_display_copy_of_huge_images():
+    session = Session()
+    session.add_image(Image.new("RGB", (6000, 4000), BACKGROUND), "big.jpg")
+    turn = session.start_turn("q", "q", "Find")
+    session.update_reply(turn, find_reply("thing", (0, 0, 499, 499)), final=True)
+    assert turn.boxes[0].xyxy[2] > 2900  # original pixels
+    view = annotated_view(session, "img1")
+    assert max(view.size) == 2048
+    assert for_display(session.images["img1"].image).size == view.size
+    color = session.colors.color("thing")
+    scale = 2048 / 6000
+    assert view.getpixel((round(turn.boxes[0].xyxy[2] * scale), 300)) == color
