@@ -105,11 +105,16 @@ class Controller:
 
     def run_turn(self, session: Session, turn: Turn, settings: GenerationSettings) -> Iterator[Update]:
         """Stream the reply for ``turn``; boxes are parsed as each ``<|/det|>`` arrives."""
-        notices = tuple(self.fit_context(session, settings))
+        try:
+            notices = tuple(self.fit_context(session, settings))
+            handle = self.backend.stream(session.messages(), settings, cancel_event=session.cancel_event)
+        except BackendError as exc:  # e.g. the model failed to load: say so, keep the session
+            turn.error = str(exc)
+            yield Update(turn, boxes_changed=False, done=True)
+            return
         if session.image_count_after_send() >= 3 and TILING_OFF_NOTICE not in session.notices:
             session.notices.append(TILING_OFF_NOTICE)
             notices += (TILING_OFF_NOTICE,)
-        handle = self.backend.stream(session.messages(), settings, cancel_event=session.cancel_event)
         text = ""
         seen_boxes = 0
         try:

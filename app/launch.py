@@ -78,14 +78,16 @@ def make_backend(args: argparse.Namespace) -> Backend:
 
         return OpenAICompatibleBackend(args.server_url, model=args.model)
 
-    def load() -> Backend:
+    def load(progress) -> Backend:
         from model.loading import load_model
 
         from .backends.local import LocalBackend
 
         quantization = choose_quantization(args.quantization, args.device)
         log.info("loading %s (quantization=%s, device=%s)", args.model, quantization or "none", args.device or "auto")
-        loaded = load_model(args.model, device=args.device, dtype=args.dtype, quantization=quantization)
+        loaded = load_model(
+            args.model, device=args.device, dtype=args.dtype, quantization=quantization, progress=progress
+        )
         log.info("ready: %s", loaded.info.summary())
         return LocalBackend(loaded)
 

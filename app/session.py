@@ -58,6 +58,7 @@ class Session:
     cancel_event: threading.Event = field(default_factory=threading.Event)
     notices: list[str] = field(default_factory=list)
     images_added: int = 0  # keys are never reused, even after old turns are dropped
+    shown_view: str | None = None  # signature of the annotated view the browser has now
 
     # -- images ------------------------------------------------------------------------------
     def add_image(self, image: Image.Image, name: str) -> SessionImage:

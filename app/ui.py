@@ -16,7 +16,7 @@ from .controller import Controller, UserError
 from .examples import EXAMPLES
 from .modes import MODE_HELP, Mode
 from .session import Session
-from .views import annotated_view, chat_messages, raw_output
+from .views import annotated_view_file, chat_messages, raw_output, view_signature
 from .zerogpu import gpu
 
 TITLE = "VL2 Grounding Studio"
@@ -57,10 +57,19 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None) -> gr.B
     def gallery_items(session: Session) -> list[tuple[str, str]]:
         return [(controller.image_path(session, k), f"{k}: {e.name}") for k, e in session.images.items()]
 
+    def view_update(session: Session):
+        """The annotated image, or ``gr.skip()`` when the browser already shows exactly that."""
+        key = session.active_image
+        signature = view_signature(session, key) if key else None
+        if signature == session.shown_view:
+            return gr.skip()
+        session.shown_view = signature
+        return annotated_view_file(session, key, controller.image_dir / session.session_id)
+
     def render_all(session: Session, notice: str = ""):
         return (
             chat_messages(session, controller.image_paths(session)),
-            annotated_view(session, session.active_image),
+            view_update(session),
             gallery_items(session),
             raw_output(session),
             gr.update(value=notice, visible=bool(notice)),
@@ -103,7 +112,7 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None) -> gr.B
             for update in updates:
                 if update.notices:
                     notice = "\n\n".join(update.notices)
-                view = annotated_view(session, session.active_image) if update.boxes_changed else gr.skip()
+                view = view_update(session) if update.boxes_changed else gr.skip()
                 yield (
                     chat_messages(session, controller.image_paths(session)),
                     view,
@@ -127,7 +136,7 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None) -> gr.B
         keys = list(session.images)
         if 0 <= event.index < len(keys):
             session.active_image = keys[event.index]
-        return annotated_view(session, session.active_image), session
+        return view_update(session), session
 
     def keep_active(session: Session | None):
         session = session or Session()
@@ -181,7 +190,7 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None) -> gr.B
             with gr.Column(scale=5):
                 image_view = gr.Image(
                     label="Image and boxes",
-                    type="pil",
+                    type="filepath",
                     interactive=False,
                     height=560,
                     elem_id="image-view",

@@ -6,8 +6,12 @@ labels are data, never markup.
 
 from __future__ import annotations
 
+import hashlib
 import html
+import os
 import re
+import threading
+from pathlib import Path
 
 from PIL import Image
 
@@ -79,6 +83,33 @@ def annotated_view(session: Session, key: str | None, *, highlight: int | None =
     scale = shown.width / original.width
     boxes = [(tuple(v * scale for v in box.xyxy), box.label or "object") for _turn, box in session.boxes_on(key)]
     return draw_boxes(shown, boxes, session.colors, highlight=highlight)
+
+
+def view_signature(session: Session, key: str | None, highlight: int | None = None) -> str:
+    """Identifies what ``annotated_view`` would draw, so an unchanged view is never re-sent."""
+    boxes = [(box.label, box.xyxy) for _turn, box in session.boxes_on(key)] if key else []
+    digest = hashlib.sha1(repr((key, boxes, highlight, session.colors.assigned)).encode()).hexdigest()
+    return f"{key}-{digest[:16]}"
+
+
+def annotated_view_file(
+    session: Session, key: str | None, out_dir: Path, *, highlight: int | None = None
+) -> str | None:
+    """The annotated view saved as a PNG under a content-derived name, written atomically.
+
+    Handing Gradio a finished file (rather than a PIL image it re-encodes into the same cache
+    path on every update) means a browser never downloads a half-rewritten image.
+    """
+    if key is None or key not in session.images:
+        return None
+    path = out_dir / f"view-{view_signature(session, key, highlight)}.png"
+    if not path.exists():
+        image = annotated_view(session, key, highlight=highlight)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        staging = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        image.save(staging, format="PNG", compress_level=1)
+        os.replace(staging, path)
+    return str(path)
 
 
 def raw_output(session: Session) -> str:

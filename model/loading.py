@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -77,7 +78,28 @@ class LoadedModel:
 
 
 # -- checkpoint resolution ------------------------------------------------------------------------
-def resolve_checkpoint(model_id_or_path: str | os.PathLike[str], *, revision: str | None = None) -> Path:
+Progress = Callable[[str], None]
+
+
+def _progress_bar(progress: Progress):
+    """A tqdm class that also reports each update as one line of text (for the app's header)."""
+    from tqdm.auto import tqdm
+
+    class ReportingBar(tqdm):
+        def update(self, n: float | None = 1) -> bool | None:
+            shown = super().update(n)
+            if self.total:
+                unit = 2**30 if self.unit == "B" else 1
+                suffix = " GB" if unit > 1 else ""
+                progress(f"downloading: {self.n / unit:.2f}/{self.total / unit:.2f}{suffix}")
+            return shown
+
+    return ReportingBar
+
+
+def resolve_checkpoint(
+    model_id_or_path: str | os.PathLike[str], *, revision: str | None = None, progress: Progress | None = None
+) -> Path:
     """A local directory as is, or a hub repo downloaded (or found in the cache)."""
     local = Path(model_id_or_path).expanduser()
     if local.is_dir():
@@ -93,7 +115,12 @@ def resolve_checkpoint(model_id_or_path: str | os.PathLike[str], *, revision: st
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=CHECKPOINT_FILES))
+        if progress is not None:
+            progress(f"fetching {repo_id} from the Hugging Face hub")
+        tqdm_class = _progress_bar(progress) if progress is not None else None
+        return Path(
+            snapshot_download(repo_id, revision=revision, allow_patterns=CHECKPOINT_FILES, tqdm_class=tqdm_class)
+        )
     except GatedRepoError as exc:
         raise ModelLoadError(
             f"{repo_id} is gated: accept its licence on huggingface.co and log in with `hf auth login`"
@@ -228,6 +255,7 @@ def load_model(
     quantization: str | None = None,
     revision: str | None = None,
     attn_implementation: str = "sdpa",
+    progress: Progress | None = None,
 ) -> LoadedModel:
     """Load an official DeepSeek-VL2 checkpoint (hub id or local folder) ready for inference."""
     quantization = normalize_quantization(quantization)
@@ -237,7 +265,9 @@ def load_model(
     torch_dtype = parse_dtype(dtype, device)
     if quantization:
         check_bitsandbytes(device, quantization)
-    path = resolve_checkpoint(model_id_or_path, revision=revision)
+    path = resolve_checkpoint(model_id_or_path, revision=revision, progress=progress)
+    if progress is not None:
+        progress(f"loading weights into memory ({quantization or torch_dtype} on {device})")
     try:
         config = load_official_config(path)
     except (ConfigError, KeyError, ValueError) as exc:

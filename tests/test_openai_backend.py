@@ -61,6 +61,7 @@ class FakeEngine:
     request_seen: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
     disconnected: threading.Event = field(default_factory=threading.Event)
+    errors: list[BaseException] = field(default_factory=list)  # unexpected failures inside the handler
     respond: Callable[[Handler, dict], None] | None = None
 
     def stream_events(self, events: list[str]) -> Callable[[Handler, dict], None]:
@@ -79,6 +80,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args) -> None:  # keep pytest output clean
         pass
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except ConnectionError:  # the client hung up (a cancel, an error reply left unread): expected
+            pass
+        except Exception as exc:
+            self.server.engine.errors.append(exc)
+            raise
 
     def do_POST(self) -> None:
         engine = self.server.engine
@@ -137,6 +147,7 @@ def engine() -> Iterator[FakeEngine]:
         server.shutdown()
         server.server_close()
         thread.join(WAIT)
+    assert server.engine.errors == []
 
 
 @pytest.fixture

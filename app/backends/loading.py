@@ -15,8 +15,9 @@ from .base import Backend, BackendError, BackendInfo, ReplyHandle
 class BackgroundLoadedBackend:
     """Wraps a loader; calls wait for it, and a failed load becomes a readable error on every call."""
 
-    def __init__(self, loader: Callable[[], Backend], placeholder: BackendInfo) -> None:
+    def __init__(self, loader: Callable[[Callable[[str], None]], Backend], placeholder: BackendInfo) -> None:
         self._placeholder = placeholder
+        self.phase = "starting"
         self._backend: Backend | None = None
         self._error: BaseException | None = None
         self._ready = threading.Event()
@@ -24,9 +25,12 @@ class BackgroundLoadedBackend:
         self._thread = threading.Thread(target=self._load, args=(loader,), name="vl2-load", daemon=True)
         self._thread.start()
 
-    def _load(self, loader: Callable[[], Backend]) -> None:
+    def _report(self, phase: str) -> None:
+        self.phase = phase
+
+    def _load(self, loader: Callable[[Callable[[str], None]], Backend]) -> None:
         try:
-            self._backend = loader()
+            self._backend = loader(self._report)
         except BaseException as exc:  # reported to the UI and terminal; the server keeps running
             self._error = exc
         finally:
@@ -42,7 +46,7 @@ class BackgroundLoadedBackend:
             return f"Model failed to load: {self._error}"
         if not self._ready.is_set():
             elapsed = time.monotonic() - self.started_at
-            return f"Loading the model… ({elapsed:.0f} s; the terminal shows download progress)"
+            return f"Loading the model — {self.phase} ({elapsed:.0f} s)"
         return "ready"
 
     @property
