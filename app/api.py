@@ -10,9 +10,13 @@ import gradio as gr
 from model.generation import GenerationSettings
 from model.grounding import strip_grounding_tags
 
+from .click import box_from_pixels
 from .controller import Controller, UserError
+from .exports import coco_from_document, session_document, write_annotated_png
 from .modes import Mode
 from .session import Session
+
+GROUNDING_SETTINGS = GenerationSettings(temperature=0.0, repetition_penalty=1.0)
 
 
 def _path(file: Any) -> str:
@@ -85,4 +89,84 @@ def register_api(controller: Controller) -> None:
         except UserError as exc:
             raise gr.Error(str(exc)) from exc
 
+    def _one_image(image: Any) -> Session:
+        session = Session()
+        refused = controller.ingest(session, [_path(image)])
+        if refused:
+            raise gr.Error("; ".join(refused))
+        return session
+
+    def ground(image: gr.FileData, phrase: str, max_new_tokens: int = 512) -> dict:
+        """Boxes for a phrase on one image (greedy decoding).
+
+        Args:
+            image: the image (EXIF orientation is applied; coordinates refer to the image as seen).
+            phrase: what to find, e.g. "the red car" or "find all apples".
+            max_new_tokens: reply length cap.
+        Returns:
+            ``{"boxes": [{"label", "xyxy", "norm999", ...}], "raw_text": str, "document": <studio JSON>}``.
+        """
+        session = _one_image(image)
+        try:
+            turn = controller.begin(session, phrase, Mode.FIND)
+        except UserError as exc:
+            raise gr.Error(str(exc)) from exc
+        for _update in controller.run_turn(session, turn, GROUNDING_SETTINGS.with_max(max_new_tokens)):
+            pass
+        if turn.error:
+            raise gr.Error(turn.error)
+        document = session_document(session, controller.backend.info)
+        return {"boxes": document["turns"][0]["boxes"], "raw_text": turn.reply, "document": document}
+
+    def identify(image: gr.FileData, x: float, y: float) -> dict:
+        """Name and box of the object at pixel (x, y) — the API twin of clicking the image.
+
+        Args:
+            image: the image (coordinates refer to it after EXIF orientation is applied).
+            x: pixel column from the left edge.
+            y: pixel row from the top edge.
+        Returns:
+            ``{"label", "box": {"xyxy", "norm999"}, "contains_point", "notice", "raw_text"}``.
+        """
+        session = _one_image(image)
+        try:
+            result = controller.identify_click(session, "img1", (float(x), float(y)))
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from exc
+        return {
+            "label": result.label,
+            "box": {"xyxy": [round(v, 2) for v in result.box.xyxy], "norm999": list(result.box.norm999)},
+            "contains_point": result.contains_point,
+            "notice": result.notice,
+            "raw_text": result.raw_text,
+        }
+
+    def to_coco(document: dict) -> dict:
+        """Convert a studio JSON document (from /ground or the JSON export) to COCO detections."""
+        try:
+            return coco_from_document(document)
+        except (KeyError, TypeError, IndexError) as exc:
+            raise gr.Error(f"not a studio document ({exc.__class__.__name__}: {exc})") from exc
+
+    def annotate(image: gr.FileData, boxes: list[dict]) -> gr.FileData:
+        """The image at full resolution with boxes drawn, as PNG.
+
+        Args:
+            image: the image.
+            boxes: ``[{"label": str, "xyxy": [x1, y1, x2, y2]}]`` in pixels (e.g. /ground's ``boxes``).
+        """
+        session = _one_image(image)
+        turn = session.start_turn("annotate", "annotate", Mode.FIND)
+        width, height = session.images["img1"].size
+        try:
+            turn.boxes = [box_from_pixels(b["label"], b["xyxy"], width, height) for b in boxes]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise gr.Error(f"each box needs a label and xyxy: {exc}") from exc
+        path = write_annotated_png(session, "img1", controller.export_dir(session) / "annotated.png")
+        return gr.FileData(path=path, mime_type="image/png")
+
     gr.api(chat, api_name="chat", concurrency_id="model", concurrency_limit=1)
+    gr.api(ground, api_name="ground", concurrency_id="model", concurrency_limit=1)
+    gr.api(identify, api_name="identify", concurrency_id="model", concurrency_limit=1)
+    gr.api(to_coco, api_name="to_coco")
+    gr.api(annotate, api_name="annotate")

@@ -14,11 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.generation import GenerationSettings
+from model.grounding import parse_grounding
 from model.images import ImageError, open_image
 
 from .backends.base import Backend, BackendError
+from .click import ClickResult, identify
+from .exports import coco_from_document, session_document, write_annotated_png, write_json
 from .modes import Mode, build_prompt
+from .render import for_display
 from .session import Session, Turn
+from .views import DISPLAY_MAX_SIDE
 
 MAX_IMAGES_PER_TURN = 8
 MAX_PROMPT_CHARS = 8000
@@ -146,3 +151,46 @@ class Controller:
         if last is None:
             return None
         return session.start_turn(last.user_text, last.prompt, last.mode)
+
+    # -- click-to-ground -----------------------------------------------------------------------
+    def display_to_original(self, session: Session, key: str, x: float, y: float) -> tuple[float, float]:
+        """A click on the (possibly downscaled) displayed image → pixels of the original image."""
+        original = session.images[key].image
+        shown = for_display(original, DISPLAY_MAX_SIDE)
+        return x * original.width / shown.width, y * original.height / shown.height
+
+    def place_pin(self, session: Session, key: str, point: tuple[float, float]) -> None:
+        session.pins.setdefault(key, []).append(point)
+        session.active_image = key
+
+    def identify_click(self, session: Session, key: str, point: tuple[float, float]) -> ClickResult:
+        """Name and box for the object under ``point`` (original pixels); adds a turn and the box."""
+        image = session.images[key].image
+        cached = session.click_cache.get(key, [])
+        result = identify(self.backend, image, point[0], point[1], cached)
+        if not result.from_cache:
+            found = parse_grounding(result.raw_text, image.width, image.height).boxes
+            session.remember_boxes(key, found or [result.box])
+        pins = session.pins.get(key, [])
+        if point in pins:
+            pins.remove(point)  # add_click_turn records the pin with its turn
+        session.add_click_turn(key, point, result.label, result.box, result.raw_text)
+        return result
+
+    # -- exports -------------------------------------------------------------------------------
+    def export_dir(self, session: Session) -> Path:
+        return self.image_dir / session.session_id / "exports"
+
+    def export_json(self, session: Session) -> str:
+        return write_json(session_document(session, self.backend.info), self.export_dir(session) / "grounding.json")
+
+    def export_coco(self, session: Session) -> str:
+        coco = coco_from_document(session_document(session, self.backend.info))
+        return write_json(coco, self.export_dir(session) / "grounding_coco.json")
+
+    def export_png(self, session: Session) -> str:
+        key = session.active_image
+        if key is None:
+            raise UserError("Upload an image first.")
+        stem = Path(session.images[key].name).stem or key
+        return write_annotated_png(session, key, self.export_dir(session) / f"{stem}_annotated.png")

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from .backends.base import Backend, BackendInfo
 from .backends.loading import BackgroundLoadedBackend
-from .ui import CSS, build_demo
+from .ui import build_demo, launch_options
 
 DEFAULT_MODEL = "deepseek-ai/deepseek-vl2-tiny"
 QUEUE_MAX_SIZE = 32
@@ -103,5 +103,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=1)
     if args.share:
         print("--share: this app will be reachable by anyone with the gradio.live link", file=sys.stderr)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS, show_error=True)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True, **launch_options())
     return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from PIL import Image
 
@@ -45,6 +45,7 @@ class Turn:
     rejected: list[Rejected] = field(default_factory=list)
     stopped: bool = False
     error: str | None = None
+    kind: str = "chat"  # "chat", or "click" for click-to-ground results (kept out of the model's history)
 
 
 @dataclass
@@ -59,6 +60,10 @@ class Session:
     notices: list[str] = field(default_factory=list)
     images_added: int = 0  # keys are never reused, even after old turns are dropped
     shown_view: str | None = None  # signature of the annotated view the browser has now
+    pins: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    click_cache: dict[str, list[Box]] = field(default_factory=dict)  # every box seen per image, for clicks
+    hidden_labels: set[str] = field(default_factory=set)
+    selected: tuple[int, int] | None = None  # (turn index, box index) highlighted in image and chat
 
     # -- images ------------------------------------------------------------------------------
     def add_image(self, image: Image.Image, name: str) -> SessionImage:
@@ -100,7 +105,7 @@ class Session:
         out: list[Message] = []
         last = len(self.turns) - 1
         for index, turn in enumerate(self.turns):
-            if index < last and not turn.reply:
+            if turn.kind == "click" or (index < last and not turn.reply):
                 continue
             out.append(Message("user", turn.prompt, [self.images[k].image for k in turn.image_keys]))
             if index < last:
@@ -116,15 +121,98 @@ class Session:
         turn.boxes, turn.rejected = result.boxes, result.rejected
         for box in turn.boxes:
             self.colors.color(box.label)
+        if final:
+            self.remember_boxes(turn.target_image, turn.boxes)
         return result
 
-    def boxes_on(self, image_key: str) -> list[tuple[int, Box]]:
+    def boxes_on(self, image_key: str, *, visible_only: bool = False) -> list[tuple[int, Box]]:
         """All boxes drawn on one image, with the turn they came from."""
-        return [(i, box) for i, t in enumerate(self.turns) if t.target_image == image_key for box in t.boxes]
+        return [
+            (i, box)
+            for i, t in enumerate(self.turns)
+            if t.target_image == image_key
+            for box in t.boxes
+            if not (visible_only and (box.label or "object") in self.hidden_labels)
+        ]
+
+    def numbered_boxes(self) -> list[tuple[int, int, int, Box]]:
+        """Every box of the conversation as ``(number, turn index, box index, box)``; numbers start at 1."""
+        rows = []
+        for turn_index, turn in enumerate(self.turns):
+            for box_index, box in enumerate(turn.boxes):
+                rows.append((len(rows) + 1, turn_index, box_index, box))
+        return rows
+
+    def label_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for _n, _t, _b, box in self.numbered_boxes():
+            counts[box.label or "object"] = counts.get(box.label or "object", 0) + 1
+        return counts
+
+    def select_number(self, number: int) -> bool:
+        for n, turn_index, box_index, _box in self.numbered_boxes():
+            if n == number:
+                self.selected = (turn_index, box_index)
+                self.active_image = self.turns[turn_index].target_image or self.active_image
+                return True
+        return False
+
+    def selected_box(self) -> Box | None:
+        if self.selected is None:
+            return None
+        turn_index, box_index = self.selected
+        if turn_index < len(self.turns) and box_index < len(self.turns[turn_index].boxes):
+            return self.turns[turn_index].boxes[box_index]
+        self.selected = None
+        return None
+
+    def rename_selected(self, label: str) -> Box | None:
+        box = self.selected_box()
+        label = label.strip()
+        if box is None or not label:
+            return None
+        turn_index, box_index = self.selected
+        renamed = replace(box, label=label)
+        self.turns[turn_index].boxes[box_index] = renamed
+        self.colors.color(label)
+        return renamed
+
+    def delete_selected(self) -> Box | None:
+        box = self.selected_box()
+        if box is None:
+            return None
+        turn_index, box_index = self.selected
+        del self.turns[turn_index].boxes[box_index]
+        self.selected = None
+        return box
+
+    def remember_boxes(self, image_key: str, boxes: list[Box]) -> None:
+        cache = self.click_cache.setdefault(image_key, [])
+        cache.extend(b for b in boxes if b not in cache)
+
+    def add_click_turn(self, image_key: str, point: tuple[float, float], label: str, box: Box, raw: str) -> Turn:
+        x1, y1, x2, y2 = box.norm999
+        turn = Turn(
+            user_text=f"📍 What is at ({point[0]:.0f}, {point[1]:.0f}) in {self.images[image_key].name}?",
+            prompt=f"<|ref|>{label}<|/ref|>.",
+            mode=Mode.FIND,
+            image_keys=[],
+            reply=f"<|ref|>{label}<|/ref|><|det|>[[{x1}, {y1}, {x2}, {y2}]]<|/det|>",
+            target_image=image_key,
+            boxes=[replace(box, label=label, ref_index=0)],
+            kind="click",
+        )
+        self.turns.append(turn)
+        self.pins.setdefault(image_key, []).append(point)
+        self.active_image = image_key
+        self.colors.color(label)
+        self.selected = (len(self.turns) - 1, 0)
+        return turn
 
     def drop_oldest_turn(self) -> Turn:
         """Forget the oldest turn (and images only it used) to fit the context."""
         turn = self.turns.pop(0)
+        self.selected = None
         for key in turn.image_keys:
             self.images.pop(key, None)
         if self.active_image not in self.images:
@@ -143,6 +231,7 @@ class Session:
         if not self.turns:
             return None
         turn = self.turns.pop()
+        self.selected = None
         # Its images become pending again so the user can re-ask with them.
         self.pending_images = [*turn.image_keys, *self.pending_images]
         return turn

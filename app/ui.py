@@ -16,17 +16,42 @@ from .controller import Controller, UserError
 from .examples import EXAMPLES
 from .modes import MODE_HELP, Mode
 from .session import Session
-from .views import annotated_view_file, chat_messages, raw_output, view_signature
+from .views import annotated_view_file, box_rows, chat_messages, label_summary, raw_output, view_signature
 from .zerogpu import gpu
 
 TITLE = "VL2 Grounding Studio"
 SESSION_TTL_SECONDS = 2 * 3600
+BOX_HEADERS = ["#", "label", "image", "turn", "pixels x1, y1, x2, y2", "0–999"]
+KEYBOARD_HELP = "⌨ Enter sends · Esc stops · 1–9 select a box · click the image to ask “what is this?”"
 CSS = """
 #header h1 {margin-bottom: 0}
 #notice {border-left: 4px solid #f5a623; padding-left: 8px}
 #chat img {max-height: 200px; width: auto}
 #gallery .thumbnail-item {height: 84px}
+#box-key {display: none}
 """
+# Esc stops the reply; digits select boxes (unless the user is typing in a field).
+KEYBOARD_JS = """
+() => {
+  document.addEventListener('keydown', (event) => {
+    const typing = ['INPUT', 'TEXTAREA'].includes(document.activeElement?.tagName);
+    if (event.key === 'Escape') {
+      document.querySelector('#prompt button.stop-button')?.click();
+      return;
+    }
+    if (typing || event.ctrlKey || event.metaKey || event.altKey || !/^[1-9]$/.test(event.key)) return;
+    const field = document.querySelector('#box-key textarea');
+    if (!field) return;
+    field.value = event.key + ':' + Date.now();
+    field.dispatchEvent(new Event('input', {bubbles: true}));
+  });
+}
+"""
+
+
+def launch_options() -> dict:
+    """What ``demo.launch`` needs besides the address (Gradio 6 takes css/js there)."""
+    return {"css": CSS, "js": KEYBOARD_JS}
 
 
 def header_markdown(backend: Backend) -> str:
@@ -57,23 +82,45 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None) -> gr.B
     def gallery_items(session: Session) -> list[tuple[str, str]]:
         return [(controller.image_path(session, k), f"{k}: {e.name}") for k, e in session.images.items()]
 
-    def view_update(session: Session):
-        """The annotated image, or ``gr.skip()`` when the browser already shows exactly that."""
+    def view_update(session: Session, *, force: bool = False):
+        """The annotated image, or ``gr.skip()`` mid-stream when the browser already shows exactly that.
+
+        Final updates always carry the view: Gradio may coalesce intermediate streamed updates, so a
+        view sent only mid-stream could be lost.
+        """
         key = session.active_image
         signature = view_signature(session, key) if key else None
-        if signature == session.shown_view:
+        if signature == session.shown_view and not force:
             return gr.skip()
         session.shown_view = signature
         return annotated_view_file(session, key, controller.image_dir / session.session_id)
 
-    def render_all(session: Session, notice: str = ""):
+    def panel(session: Session) -> tuple:
+        labels = list(session.label_counts())
+        visible = [label for label in labels if label not in session.hidden_labels]
+        return (
+            gr.update(value=box_rows(session)),
+            gr.update(choices=labels, value=visible),
+            label_summary(session),
+        )
+
+    def render_all(session: Session, notice: str = "") -> tuple:
         return (
             chat_messages(session, controller.image_paths(session)),
-            view_update(session),
+            view_update(session, force=True),
             gallery_items(session),
             raw_output(session),
             gr.update(value=notice, visible=bool(notice)),
             gr.update(visible=session.image_count_after_send() >= 3),
+            *panel(session),
+        )
+
+    def settings_from(temperature, top_p, repetition_penalty, max_new_tokens) -> GenerationSettings:
+        return GenerationSettings(
+            temperature=float(temperature),
+            top_p=float(top_p),
+            repetition_penalty=float(repetition_penalty),
+            max_new_tokens=int(max_new_tokens),
         )
 
     @gpu
@@ -89,43 +136,42 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None) -> gr.B
     ) -> Iterator[tuple]:
         session = session_of(session, request)
         message = message or {}
-        problems = controller.ingest(session, message.get("files") or [])
-        for problem in problems:
+        for problem in controller.ingest(session, message.get("files") or []):
             gr.Warning(problem)
+        keep_text = gr.update(value={"text": message.get("text", ""), "files": []})
         try:
             turn = controller.begin(session, message.get("text", ""), mode)
         except UserError as exc:
             gr.Warning(str(exc))
-            # Keep what the user typed; uploaded images stay pending for the next question.
-            yield (*render_all(session), gr.update(value={"text": message.get("text", ""), "files": []}), session)
+            # What the user typed stays in the box; uploaded images stay pending for the next question.
+            yield (*render_all(session), keep_text, session)
             return
-        settings = GenerationSettings(
-            temperature=float(temperature),
-            top_p=float(top_p),
-            repetition_penalty=float(repetition_penalty),
-            max_new_tokens=int(max_new_tokens),
-        )
+        settings = settings_from(temperature, top_p, repetition_penalty, max_new_tokens)
         cleared = gr.update(value={"text": "", "files": []})
         try:
-            updates = controller.run_turn(session, turn, settings)
             notice = ""
-            for update in updates:
+            for update in controller.run_turn(session, turn, settings):
                 if update.notices:
                     notice = "\n\n".join(update.notices)
-                view = view_update(session) if update.boxes_changed else gr.skip()
+                if update.done:
+                    yield (*render_all(session, notice), cleared, session)
+                    continue
                 yield (
                     chat_messages(session, controller.image_paths(session)),
-                    view,
-                    gallery_items(session) if update.done or update.notices else gr.skip(),
+                    view_update(session) if update.boxes_changed else gr.skip(),
+                    gallery_items(session) if update.notices else gr.skip(),
                     raw_output(session),
                     gr.update(value=notice, visible=bool(notice)),
                     gr.update(visible=session.image_count_after_send() >= 3),
+                    gr.skip(),
+                    gr.skip(),
+                    gr.skip(),
                     cleared,
                     session,
                 )
         except UserError as exc:
             gr.Warning(str(exc))
-            yield (*render_all(session), gr.update(value={"text": message.get("text", ""), "files": []}), session)
+            yield (*render_all(session), keep_text, session)
 
     def stop(session: Session | None) -> None:
         if session is not None:
@@ -134,9 +180,83 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None) -> gr.B
     def select_image(session: Session | None, event: gr.SelectData):
         session = session or Session()
         keys = list(session.images)
-        if 0 <= event.index < len(keys):
+        if isinstance(event.index, int) and 0 <= event.index < len(keys):
             session.active_image = keys[event.index]
         return view_update(session), session
+
+    def pin_click(session: Session | None, event: gr.SelectData):
+        """Show a pin where the user clicked (instant, outside the model lane)."""
+        session = session or Session()
+        key = session.active_image
+        if key is None or not isinstance(event.index, list | tuple) or len(event.index) != 2:
+            return gr.skip(), session, None
+        point = controller.display_to_original(session, key, *event.index)
+        controller.place_pin(session, key, point)
+        return view_update(session), session, [key, point[0], point[1]]
+
+    @gpu
+    def identify_click(session: Session | None, pending: list | None):
+        session = session or Session()
+        if not pending:
+            return (*render_all(session), session)
+        key, x, y = pending
+        if key not in session.images:
+            return (*render_all(session), session)
+        try:
+            result = controller.identify_click(session, key, (float(x), float(y)))
+        except Exception as exc:  # the model failed: the pin goes, the message stays, the server lives
+            pins = session.pins.get(key, [])
+            if (float(x), float(y)) in pins:
+                pins.remove((float(x), float(y)))
+            gr.Warning(f"Could not identify the object: {exc}")
+            return (*render_all(session), session)
+        notice = result.notice or ("Answered from boxes already found on this image." if result.from_cache else "")
+        return (*render_all(session, notice), session)
+
+    def select_row(session: Session | None, event: gr.SelectData):
+        session = session or Session()
+        row = event.index[0] if isinstance(event.index, list | tuple) else event.index
+        if isinstance(row, int):
+            session.select_number(row + 1)
+        return (*render_all(session), session)
+
+    def select_by_key(session: Session | None, key_text: str):
+        session = session or Session()
+        digit = (key_text or "").split(":")[0]
+        if digit.isdigit() and not session.select_number(int(digit)):
+            gr.Info(f"There is no box {digit}.")
+        return (*render_all(session), session)
+
+    def filter_labels(session: Session | None, visible: list[str]):
+        session = session or Session()
+        session.hidden_labels = set(session.label_counts()) - set(visible or [])
+        return (*render_all(session), session)
+
+    def rename(session: Session | None, label: str):
+        session = session or Session()
+        if session.rename_selected(label or "") is None:
+            gr.Warning("Select a box in the table (or press its number) and type a new label.")
+        return (*render_all(session), session, "")
+
+    def delete(session: Session | None):
+        session = session or Session()
+        if session.delete_selected() is None:
+            gr.Warning("Select a box in the table (or press its number) first.")
+        return (*render_all(session), session)
+
+    def export(kind: str):
+        def run(session: Session | None):
+            session = session or Session()
+            try:
+                return {"json": controller.export_json, "coco": controller.export_coco, "png": controller.export_png}[
+                    kind
+                ](session)
+            except UserError as exc:
+                gr.Warning(str(exc))
+                return None
+
+        run.__name__ = f"export_{kind}"
+        return run
 
     def keep_active(session: Session | None):
         session = session or Session()
@@ -148,12 +268,13 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None) -> gr.B
     def undo(session: Session | None):
         session = session or Session()
         turn = session.undo()
-        text = turn.user_text if turn else ""
+        text = turn.user_text if turn and turn.kind == "chat" else ""
         return (*render_all(session), gr.update(value={"text": text, "files": []}), session)
 
     def clear(session: Session | None):
         _cancel_session(session)
-        return (*render_all(Session()), Session())
+        fresh = Session()
+        return (*render_all(fresh), fresh)
 
     @gpu
     def retry(
@@ -167,7 +288,7 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None) -> gr.B
     ) -> Iterator[tuple]:
         session = session_of(session, request)
         last = session.undo()
-        if last is None:
+        if last is None or last.kind != "chat":
             yield (*render_all(session), gr.skip(), session)
             return
         text = {"text": last.user_text, "files": []}
@@ -179,17 +300,18 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None) -> gr.B
         _cancel_session(live_sessions.get(request.session_hash))
 
     def refresh_header():
-        ready = getattr(backend, "status", "ready") == "ready" or "failed" in getattr(backend, "status", "")
-        return header_markdown(backend), gr.Timer(active=not ready)
+        status = getattr(backend, "status", "ready")
+        return header_markdown(backend), gr.Timer(active=status != "ready" and "failed" not in status)
 
     with gr.Blocks(title=TITLE, delete_cache=(3600, 3600)) as demo:
         state = gr.State(None, time_to_live=SESSION_TTL_SECONDS, delete_callback=_cancel_session)
+        pending_click = gr.State(None)
         header = gr.Markdown(header_markdown(backend), elem_id="header")
         timer = gr.Timer(1.0, active=getattr(backend, "status", "ready") != "ready")
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
                 image_view = gr.Image(
-                    label="Image and boxes",
+                    label="Image and boxes — click an object to ask what it is",
                     type="filepath",
                     interactive=False,
                     height=560,
@@ -204,6 +326,21 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None) -> gr.B
                     allow_preview=False,
                     object_fit="contain",
                 )
+                with gr.Accordion("Boxes", open=True):
+                    counts = gr.Markdown(label_summary(Session()), elem_id="box-counts")
+                    box_table = gr.Dataframe(
+                        headers=BOX_HEADERS, interactive=False, max_height=260, elem_id="box-table", wrap=True
+                    )
+                    label_filter = gr.CheckboxGroup(label="Show labels", choices=[], elem_id="label-filter")
+                    with gr.Row():
+                        new_label = gr.Textbox(placeholder="New label for the selected box", show_label=False, scale=3)
+                        rename_button = gr.Button("Rename", size="sm", scale=1)
+                        delete_button = gr.Button("Delete", size="sm", scale=1)
+                    with gr.Row():
+                        json_button = gr.Button("Export JSON", size="sm")
+                        coco_button = gr.Button("Export COCO", size="sm")
+                        png_button = gr.Button("Export PNG", size="sm")
+                    download = gr.File(label="Download", interactive=False, elem_id="download")
                 with gr.Accordion("Raw output (the model's exact text and rejected spans)", open=False):
                     raw = gr.Code(label="Model text", language=None, lines=6, interactive=False)
             with gr.Column(scale=6):
@@ -225,14 +362,16 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None) -> gr.B
                     info=" · ".join(f"{m.value}: {h}" for m, h in MODE_HELP.items()),
                 )
                 textbox = gr.MultimodalTextbox(
-                    placeholder="Drop, paste or browse images, then ask. Enter sends.",
+                    placeholder="Drop, paste or browse images, then ask. Enter sends, Esc stops.",
                     file_count="multiple",
                     file_types=["image"],
                     sources=["upload"],
                     show_label=False,
                     submit_btn=True,
                     stop_btn=True,
+                    elem_id="prompt",
                 )
+                gr.Markdown(KEYBOARD_HELP, elem_id="keyboard-help")
                 with gr.Row():
                     retry_button = gr.Button("Retry", size="sm")
                     undo_button = gr.Button("Undo", size="sm")
@@ -242,6 +381,7 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None) -> gr.B
                     top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
                     repetition_penalty = gr.Slider(1.0, 2.0, value=1.1, step=0.05, label="Repetition penalty")
                     max_new_tokens = gr.Slider(16, 2048, value=512, step=16, label="Max new tokens")
+        box_key = gr.Textbox(elem_id="box-key", show_label=False, container=False)
         gr.Examples(
             examples=[[{"text": e.text, "files": list(e.files)}, e.mode.value] for e in EXAMPLES],
             example_labels=[e.label for e in EXAMPLES],
@@ -251,31 +391,32 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None) -> gr.B
             label="Examples (click to fill the inputs)",
         )
 
-        view_outputs = [chatbot, image_view, gallery, raw, notice, keep_button]
+        views = [chatbot, image_view, gallery, raw, notice, keep_button, box_table, label_filter, counts]
         sampling = [temperature, top_p, repetition_penalty, max_new_tokens]
-        submit = textbox.submit(
-            respond,
-            [textbox, mode, *sampling, state],
-            [*view_outputs, textbox, state],
-            concurrency_id="model",
-            concurrency_limit=1,
-            api_visibility="private",
+        private = {"api_visibility": "private"}
+        model_lane = {"concurrency_id": "model", "concurrency_limit": 1}
+        textbox.submit(respond, [textbox, mode, *sampling, state], [*views, textbox, state], **model_lane, **private)
+        textbox.stop(stop, [state], None, queue=False, **private)
+        retry_button.click(retry, [mode, *sampling, state], [*views, textbox, state], **model_lane, **private)
+        undo_button.click(undo, [state], [*views, textbox, state], **private)
+        clear_button.click(clear, [state], [*views, state], **private)
+        keep_button.click(keep_active, [state], [*views, state], **private)
+        gallery.select(select_image, [state], [image_view, state], **private)
+        image_view.select(
+            pin_click, [state], [image_view, state, pending_click], queue=False, trigger_mode="always_last", **private
+        ).then(
+            identify_click, [state, pending_click], [*views, state], trigger_mode="always_last", **model_lane, **private
         )
-        textbox.stop(stop, [state], None, queue=False, api_visibility="private")
-        retry_button.click(
-            retry,
-            [mode, *sampling, state],
-            [*view_outputs, textbox, state],
-            concurrency_id="model",
-            concurrency_limit=1,
-            api_visibility="private",
-        )
-        undo_button.click(undo, [state], [*view_outputs, textbox, state], api_visibility="private")
-        clear_button.click(clear, [state], [*view_outputs, state], api_visibility="private")
-        keep_button.click(keep_active, [state], [*view_outputs, state], api_visibility="private")
-        gallery.select(select_image, [state], [image_view, state], api_visibility="private")
-        timer.tick(refresh_header, None, [header, timer], api_visibility="private")
+        box_table.select(select_row, [state], [*views, state], **private)
+        box_key.input(select_by_key, [state, box_key], [*views, state], **private)
+        label_filter.input(filter_labels, [state, label_filter], [*views, state], **private)
+        rename_button.click(rename, [state, new_label], [*views, state, new_label], **private)
+        new_label.submit(rename, [state, new_label], [*views, state, new_label], **private)
+        delete_button.click(delete, [state], [*views, state], **private)
+        json_button.click(export("json"), [state], download, **private)
+        coco_button.click(export("coco"), [state], download, **private)
+        png_button.click(export("png"), [state], download, **private)
+        timer.tick(refresh_header, None, [header, timer], **private)
         register_api(controller)
         demo.unload(on_unload)
-        demo.submit_event = submit  # kept for tests and for later cancel wiring
     return demo

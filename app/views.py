@@ -15,8 +15,6 @@ from pathlib import Path
 
 from PIL import Image
 
-from model.grounding import strip_grounding_tags
-
 from .render import draw_boxes, for_display
 from .session import Session, Turn
 
@@ -28,18 +26,28 @@ _OTHER_TAGS = re.compile(r"<\|/?(?:ref|det|grounding)\|>|<｜end▁of▁sentence
 
 
 def answer_html(turn: Turn, session: Session) -> str:
-    """The reply with each grounded phrase highlighted in its box colour (text escaped)."""
+    """The reply with each grounded phrase highlighted in its box colour (text escaped).
+
+    A phrase takes the colour of the box drawn for it (so a renamed box keeps them matched); the
+    phrase of the selected box is filled solid.
+    """
     text = turn.reply
+    selected = session.selected_box()
+    selected_ref = selected.ref_index if selected is not None and selected in turn.boxes else None
     pieces: list[str] = []
     cursor = 0
+    ref_index = -1
     for match in _GROUNDING_SPAN.finditer(text):
         pieces.append(html.escape(_OTHER_TAGS.sub("", text[cursor : match.start()])))
+        ref_index += 1
         label = match.group(1)
         if label is not None:
             label = label.strip()
-            color = session.colors.hex(label)
+            drawn = next((b.label for b in turn.boxes if b.ref_index == ref_index and b.label), label)
+            color = session.colors.hex(drawn)
+            fill = color if ref_index == selected_ref else f"{color}33"
             pieces.append(
-                f'<mark style="background:{color}33;border-bottom:3px solid {color};padding:0 2px">'
+                f'<mark style="background:{fill};border-bottom:3px solid {color};padding:0 2px">'
                 f"{html.escape(label)}</mark>"
             )
         cursor = match.end()
@@ -74,42 +82,84 @@ def chat_messages(session: Session, image_paths: dict[str, str]) -> list[dict]:
     return messages
 
 
-def annotated_view(session: Session, key: str | None, *, highlight: int | None = None) -> Image.Image | None:
-    """The image with every box of the conversation that belongs to it, sized for the browser."""
+def annotated_view(session: Session, key: str | None, *, full_resolution: bool = False) -> Image.Image | None:
+    """The image with the visible boxes that belong to it (the selected one thicker) and click pins.
+
+    Sized for the browser, unless ``full_resolution`` (the PNG export, without pins).
+    """
     if key is None or key not in session.images:
         return None
     original = session.images[key].image
-    shown = for_display(original, DISPLAY_MAX_SIDE)
+    shown = original if full_resolution else for_display(original, DISPLAY_MAX_SIDE)
     scale = shown.width / original.width
-    boxes = [(tuple(v * scale for v in box.xyxy), box.label or "object") for _turn, box in session.boxes_on(key)]
-    return draw_boxes(shown, boxes, session.colors, highlight=highlight)
+    selected = session.selected_box()
+    boxes: list[tuple[tuple[float, ...], str]] = []
+    highlight = None
+    for _turn, box in session.boxes_on(key, visible_only=True):
+        if box is selected:
+            highlight = len(boxes)
+        boxes.append((tuple(v * scale for v in box.xyxy), box.label or "object"))
+    pins = [] if full_resolution else [(x * scale, y * scale) for x, y in session.pins.get(key, [])]
+    return draw_boxes(shown, boxes, session.colors, highlight=highlight, pins=pins)
 
 
-def view_signature(session: Session, key: str | None, highlight: int | None = None) -> str:
+def view_signature(session: Session, key: str | None) -> str:
     """Identifies what ``annotated_view`` would draw, so an unchanged view is never re-sent."""
-    boxes = [(box.label, box.xyxy) for _turn, box in session.boxes_on(key)] if key else []
-    digest = hashlib.sha1(repr((key, boxes, highlight, session.colors.assigned)).encode()).hexdigest()
-    return f"{key}-{digest[:16]}"
+    boxes = [(box.label, box.xyxy) for _turn, box in session.boxes_on(key, visible_only=True)] if key else []
+    selected = session.selected_box()
+    chosen = None if selected is None else (selected.label, selected.xyxy)
+    state = (key, boxes, chosen, session.pins.get(key or ""), session.colors.assigned)
+    return f"{key}-{hashlib.sha1(repr(state).encode()).hexdigest()[:16]}"
 
 
-def annotated_view_file(
-    session: Session, key: str | None, out_dir: Path, *, highlight: int | None = None
-) -> str | None:
-    """The annotated view saved as a PNG under a content-derived name, written atomically.
+def save_atomically(image: Image.Image, path: Path) -> None:
+    """Write under a temporary name, then rename: a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+    image.save(staging, format="PNG", compress_level=1)
+    os.replace(staging, path)
+
+
+def annotated_view_file(session: Session, key: str | None, out_dir: Path) -> str | None:
+    """The annotated view as a PNG under a content-derived name.
 
     Handing Gradio a finished file (rather than a PIL image it re-encodes into the same cache
     path on every update) means a browser never downloads a half-rewritten image.
     """
     if key is None or key not in session.images:
         return None
-    path = out_dir / f"view-{view_signature(session, key, highlight)}.png"
+    path = out_dir / f"view-{view_signature(session, key)}.png"
     if not path.exists():
-        image = annotated_view(session, key, highlight=highlight)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        staging = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-        image.save(staging, format="PNG", compress_level=1)
-        os.replace(staging, path)
+        save_atomically(annotated_view(session, key), path)
     return str(path)
+
+
+def box_rows(session: Session) -> list[list]:
+    """The box panel: one row per box of the conversation."""
+    keys = list(session.images)
+    rows = []
+    for number, turn_index, _box_index, box in session.numbered_boxes():
+        key = session.turns[turn_index].target_image
+        name = session.images[key].name if key in session.images else "—"
+        hidden = (box.label or "object") in session.hidden_labels
+        rows.append(
+            [
+                number,
+                (box.label or "object") + (" (hidden)" if hidden else ""),
+                f"{keys.index(key) + 1}: {name}" if key in session.images else name,
+                turn_index + 1,
+                ", ".join(f"{v:.0f}" for v in box.xyxy),
+                ", ".join(str(v) for v in box.norm999),
+            ]
+        )
+    return rows
+
+
+def label_summary(session: Session) -> str:
+    counts = session.label_counts()
+    if not counts:
+        return "No boxes yet — use Find, Grounded answer, or click the image."
+    return " · ".join(f"{count} × {html.escape(label)}" for label, count in counts.items())
 
 
 def raw_output(session: Session) -> str:
@@ -122,7 +172,3 @@ def raw_output(session: Session) -> str:
         lines.append("\n--- rejected spans ---")
         lines += [f"{r.reason}: {r.text}" for r in turn.rejected]
     return "\n".join(lines)
-
-
-def plain_answer(turn: Turn) -> str:
-    return strip_grounding_tags(turn.reply)

@@ -73,7 +73,9 @@ def run_ground(args: argparse.Namespace) -> int:
         raise SystemExit("ground needs exactly one --image")
     images = _open_images(args.image)
     loaded = _load(args)
-    settings = GenerationSettings(temperature=0.0, repetition_penalty=1.1, max_new_tokens=args.max_new_tokens)
+    # Plain greedy decoding, as the official README grounds (a repetition penalty would fight the
+    # phrase being copied from the prompt and repeated coordinates).
+    settings = GenerationSettings(temperature=0.0, repetition_penalty=1.0, max_new_tokens=args.max_new_tokens)
     text = generate_text(loaded.model, loaded.processor, [Message("user", find_prompt(args.phrase), images)], settings)
     result = parse_grounding(text, images[0].width, images[0].height)
     document = result.to_dict()

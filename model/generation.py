@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
@@ -28,6 +28,9 @@ class GenerationSettings:
     repetition_penalty: float = 1.1
     min_new_tokens: int = 0
     seed: int | None = None
+
+    def with_max(self, max_new_tokens: int) -> GenerationSettings:
+        return replace(self, max_new_tokens=int(max_new_tokens))
 
     def generate_kwargs(self) -> dict:
         kwargs: dict = {

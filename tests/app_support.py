@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 from app.backends.scripted import ScriptedBackend
-from app.ui import build_demo
+from app.ui import build_demo, launch_options
 
 BACKGROUND = (128, 128, 128)
 
@@ -41,7 +41,9 @@ def free_port() -> int:
 def running_app(backend: ScriptedBackend, tmp_path: Path, **queue_kwargs) -> Iterator[str]:
     demo = build_demo(backend, image_dir=tmp_path / "images")
     demo.queue(**({"max_size": 16} | queue_kwargs))
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
+    _, url, _ = demo.launch(
+        prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True, **launch_options()
+    )
     try:
         yield url
     finally:

@@ -38,8 +38,8 @@ def test_find_draws_the_box_in_the_browser(tmp_path):
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(url)
         page.get_by_label("Find", exact=True).check()
-        page.locator("input[type=file]").first.set_input_files(str(image_path))
-        textbox = page.locator("textarea").first
+        page.locator("#prompt input[type=file]").set_input_files(str(image_path))
+        textbox = page.locator("#prompt textarea")
         textbox.fill("the grey square")
         page.locator("button.submit-button").first.wait_for(state="visible")
         page.wait_for_function("() => !document.querySelector('button.submit-button')?.disabled")

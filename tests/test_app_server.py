@@ -10,9 +10,12 @@ import threading
 import urllib.request
 from pathlib import Path
 
+import pytest
 from gradio_client import Client, handle_file
+from PIL import Image
 
 from app.backends.scripted import ScriptedBackend
+from app.render import ColorBook
 
 from .app_support import find_reply, free_port, running_app, solid_image
 
@@ -98,3 +101,51 @@ def test_app_py_serves_a_generated_checkpoint_and_answers(checkpoints):
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+def _click_script(conversation):
+    prompt = conversation[-1].text
+    if prompt.startswith("What is the object"):
+        return "A grey square."
+    return "<|ref|>grey square<|/ref|><|det|>[[100, 200, 300, 400]]<|/det|>"
+
+
+@pytest.mark.parametrize(
+    ("stored", "orientation", "seen"),
+    [((640, 480), None, (640, 480)), ((300, 500), None, (300, 500)), ((500, 300), 6, (300, 500))],
+)
+def test_typed_api_ground_identify_and_exports(tmp_path, stored, orientation, seen):
+    image = solid_image(tmp_path / "photo.jpg", stored, exif_orientation=orientation)
+    width, height = seen
+    expected = [round(100 / 999 * width, 2), round(200 / 999 * height, 2), round(300 / 999 * width, 2),
+                round(400 / 999 * height, 2)]  # fmt: skip
+    with running_app(ScriptedBackend(_click_script), tmp_path) as url:
+        client = Client(url, verbose=False)
+        api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+        assert {"/chat", "/ground", "/identify", "/to_coco", "/annotate"} <= set(api)
+        grounded = client.predict(handle_file(str(image)), "grey square", 128, api_name="/ground")
+        (box,) = grounded["boxes"]
+        assert box["label"] == "grey square" and box["norm999"] == [100, 200, 300, 400]
+        assert box["xyxy"] == expected
+        assert grounded["document"]["images"][0]["width"] == width
+        assert grounded["document"]["images"][0]["height"] == height
+        x, y = (expected[0] + expected[2]) / 2, (expected[1] + expected[3]) / 2
+        identified = client.predict(handle_file(str(image)), x, y, api_name="/identify")
+        assert identified["label"] == "grey square" and identified["contains_point"] is True
+        assert identified["box"]["xyxy"] == expected
+        coco = client.predict(grounded["document"], api_name="/to_coco")
+        assert coco["images"] == [{"id": 1, "file_name": "photo.jpg", "width": width, "height": height}]
+        assert coco["annotations"][0]["bbox"][:2] == expected[:2]
+        png_path = client.predict(handle_file(str(image)), grounded["boxes"], api_name="/annotate")
+    drawn = Image.open(png_path)
+    assert drawn.size == seen
+    color = ColorBook().color("grey square")
+    assert drawn.getpixel((round((expected[0] + expected[2]) / 2), round(expected[3]))) == color
+
+
+def test_identify_outside_the_image_is_a_clear_error(tmp_path):
+    image = solid_image(tmp_path / "p.png", (100, 100))
+    with running_app(ScriptedBackend(_click_script), tmp_path) as url:
+        client = Client(url, verbose=False)
+        with pytest.raises(Exception, match="outside"):
+            client.predict(handle_file(str(image)), 150, 10, api_name="/identify")
