@@ -193,7 +193,7 @@ class Session:
     def add_click_turn(self, image_key: str, point: tuple[float, float], label: str, box: Box, raw: str) -> Turn:
         x1, y1, x2, y2 = box.norm999
         turn = Turn(
-            user_text=f"📍 What is at ({point[0]:.0f}, {point[1]:.0f}) in {self.images[image_key].name}?",
+            user_text=f"Clicked ({point[0]:.0f}, {point[1]:.0f}) on {self.images[image_key].name}: what is this?",
             prompt=f"<|ref|>{label}<|/ref|>.",
             mode=Mode.FIND,
             image_keys=[],

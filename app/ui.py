@@ -22,13 +22,12 @@ from .zerogpu import gpu
 TITLE = "VL2 Grounding Studio"
 SESSION_TTL_SECONDS = 2 * 3600
 BOX_HEADERS = ["#", "label", "image", "turn", "pixels x1, y1, x2, y2", "0–999"]
-KEYBOARD_HELP = "⌨ Enter sends · Esc stops · 1–9 select a box · click the image to ask “what is this?”"
+KEYBOARD_HELP = "Keys: Enter sends · Esc stops · 1–9 select a box · click the image to ask “what is this?”"
 CSS = """
 #header h1 {margin-bottom: 0}
 #notice {border-left: 4px solid #f5a623; padding-left: 8px}
 #chat img {max-height: 200px; width: auto}
 #gallery .thumbnail-item {height: 84px}
-#box-key {display: none}
 """
 # Esc stops the reply; digits select boxes (unless the user is typing in a field).
 KEYBOARD_JS = """
@@ -40,10 +39,12 @@ KEYBOARD_JS = """
       return;
     }
     if (typing || event.ctrlKey || event.metaKey || event.altKey || !/^[1-9]$/.test(event.key)) return;
-    const field = document.querySelector('#box-key textarea');
-    if (!field) return;
-    field.value = event.key + ':' + Date.now();
-    field.dispatchEvent(new Event('input', {bubbles: true}));
+    // Selecting box N is clicking row N of the box table, which the server handles like a mouse click.
+    const cell = document.querySelector(`#box-table [data-testid="cell-${Number(event.key) - 1}-0"]`);
+    if (!cell) return;
+    for (const type of ['mousedown', 'mouseup', 'click']) {
+      cell.dispatchEvent(new MouseEvent(type, {bubbles: true, cancelable: true, view: window}));
+    }
   });
 }
 """
@@ -220,13 +221,6 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None) -> gr.B
             session.select_number(row + 1)
         return (*render_all(session), session)
 
-    def select_by_key(session: Session | None, key_text: str):
-        session = session or Session()
-        digit = (key_text or "").split(":")[0]
-        if digit.isdigit() and not session.select_number(int(digit)):
-            gr.Info(f"There is no box {digit}.")
-        return (*render_all(session), session)
-
     def filter_labels(session: Session | None, visible: list[str]):
         session = session or Session()
         session.hidden_labels = set(session.label_counts()) - set(visible or [])
@@ -340,7 +334,7 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None) -> gr.B
                         json_button = gr.Button("Export JSON", size="sm")
                         coco_button = gr.Button("Export COCO", size="sm")
                         png_button = gr.Button("Export PNG", size="sm")
-                    download = gr.File(label="Download", interactive=False, elem_id="download")
+                    download = gr.File(label="Download", interactive=False, elem_id="download", height=90)
                 with gr.Accordion("Raw output (the model's exact text and rejected spans)", open=False):
                     raw = gr.Code(label="Model text", language=None, lines=6, interactive=False)
             with gr.Column(scale=6):
@@ -381,7 +375,6 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None) -> gr.B
                     top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
                     repetition_penalty = gr.Slider(1.0, 2.0, value=1.1, step=0.05, label="Repetition penalty")
                     max_new_tokens = gr.Slider(16, 2048, value=512, step=16, label="Max new tokens")
-        box_key = gr.Textbox(elem_id="box-key", show_label=False, container=False)
         gr.Examples(
             examples=[[{"text": e.text, "files": list(e.files)}, e.mode.value] for e in EXAMPLES],
             example_labels=[e.label for e in EXAMPLES],
@@ -408,7 +401,6 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None) -> gr.B
             identify_click, [state, pending_click], [*views, state], trigger_mode="always_last", **model_lane, **private
         )
         box_table.select(select_row, [state], [*views, state], **private)
-        box_key.input(select_by_key, [state, box_key], [*views, state], **private)
         label_filter.input(filter_labels, [state, label_filter], [*views, state], **private)
         rename_button.click(rename, [state, new_label], [*views, state, new_label], **private)
         new_label.submit(rename, [state, new_label], [*views, state, new_label], **private)

@@ -76,3 +76,120 @@ def test_find_draws_the_box_in_the_browser(tmp_path):
     assert any_pixel_near(x2, (y1 + y2) / 2), "right edge not drawn where the box is"
     inside = screenshot.getpixel(on_screen((x1 + x2) / 2, (y1 + y2) / 2))
     assert _close(inside, (128, 128, 128)), "the inside of the box must stay clear"
+
+
+def _click_script(conversation):
+    prompt = conversation[-1].text
+    if prompt.startswith("What is the object"):
+        return "A grey square."
+    if "<|ref|>" in prompt:
+        return find_reply("grey square", BOX)
+    return "It is a grey picture."
+
+
+def test_click_to_ground_in_the_browser(tmp_path):
+    import json
+    import urllib.request
+
+    backend = ScriptedBackend(_click_script)
+    image_path = solid_image(tmp_path / "square.png", (900, 600))
+    expected = ColorBook().color("grey square")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot_path = ARTIFACTS / "browser-click.png"
+    with running_app(backend, tmp_path) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(url)
+        page.locator("#prompt input[type=file]").set_input_files(str(image_path))
+        textbox = page.locator("#prompt textarea")
+        textbox.fill("What is this?")
+        page.wait_for_function("() => !document.querySelector('button.submit-button')?.disabled")
+        textbox.press("Enter")
+        page.get_by_text("It is a grey picture.").wait_for(timeout=30_000)
+        shown = page.locator("#image-view img").first
+        shown.wait_for(state="visible")
+        page.wait_for_function("(el) => el.complete && el.naturalWidth > 0", arg=shown.element_handle())
+        box = shown.bounding_box()
+        natural = shown.evaluate("el => [el.naturalWidth, el.naturalHeight]")
+        scale = min(box["width"] / natural[0], box["height"] / natural[1])
+        left = box["x"] + (box["width"] - natural[0] * scale) / 2
+        top = box["y"] + (box["height"] - natural[1] * scale) / 2
+        click_x, click_y = 400, 330  # inside BOX on the 900×600 image
+        page.mouse.click(left + click_x * scale, top + click_y * scale)
+        page.locator("#box-counts").get_by_text("1 × grey square").wait_for(timeout=30_000)
+        assert page.locator("#box-table").get_by_text("grey square").count() >= 1  # the panel gained a row
+        page.wait_for_function(
+            "(el) => el.complete && el.naturalWidth > 0 && el.src.includes('view-')", arg=shown.element_handle()
+        )
+        page.screenshot(path=str(shot_path), full_page=True)
+        page.get_by_role("button", name="Export JSON").click()
+        link = page.locator("#download a").first
+        link.wait_for(timeout=30_000)
+        href = link.get_attribute("href")
+        document = json.loads(urllib.request.urlopen(href if href.startswith("http") else url + href).read())
+        browser.close()
+    print(f"\nbrowser screenshot: {shot_path}")
+    (click_turn,) = [t for t in document["turns"] if t["kind"] == "click"]
+    (exported,) = click_turn["boxes"]
+    assert exported["label"] == "grey square" and exported["norm999"] == list(BOX)
+    x1, y1, x2, y2 = exported["xyxy"]
+    assert x1 <= click_x <= x2 and y1 <= click_y <= y2
+    screenshot = Image.open(shot_path).convert("RGB")
+
+    def near(x: float, y: float, color, radius: int = 3) -> bool:
+        cx, cy = round(left + x * scale), round(top + y * scale)
+        return any(
+            _close(screenshot.getpixel((cx + dx, cy + dy)), color)
+            for dx in range(-radius, radius + 1)
+            for dy in range(-radius, radius + 1)
+        )
+
+    assert near((x1 + x2) / 2, y2, expected), "the box must be drawn around the clicked point"
+    assert near(x1, (y1 + y2) / 2, expected)
+    assert near(click_x, click_y, (230, 25, 75)), "the pin must be drawn where the user clicked"
+
+
+def test_keyboard_selects_boxes_and_escape_stops(tmp_path):
+    import re
+    import threading
+
+    gate = threading.Semaphore(0)
+    grounded = find_reply("a", (100, 100, 300, 300)) + " " + find_reply("b", (500, 500, 900, 900))
+    long_reply = " ".join(f"word{i}" for i in range(300))
+    backend = ScriptedBackend(lambda conv: grounded if conv[-1].text.startswith("<|grounding|>") else long_reply)
+    image_path = solid_image(tmp_path / "square.png", (900, 600))
+    with running_app(backend, tmp_path) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url)
+        page.locator("#prompt input[type=file]").set_input_files(str(image_path))
+        textbox = page.locator("#prompt textarea")
+        textbox.fill("<|grounding|>two things")
+        page.wait_for_function("() => !document.querySelector('button.submit-button')?.disabled")
+        textbox.press("Enter")
+        page.locator("#box-counts").get_by_text("1 × b").wait_for(timeout=30_000)
+        page.locator("body").click(position={"x": 5, "y": 5})  # focus out of the text box
+        page.keyboard.press("2")
+        page.wait_for_function(
+            "() => /background:#[0-9a-f]{6};/.test(document.querySelector('#chat').innerHTML)", timeout=30_000
+        )
+        marks = re.findall(r'<mark style="background:(#[0-9a-f]+);', page.locator("#chat").inner_html())
+        second = ColorBook()
+        second.color("a")
+        assert marks == [second.hex("a") + "33", second.hex("b")]  # box 2's phrase is the selected one
+        # Esc stops a running reply, and the backend's generation with it.
+        backend.gate = gate
+        textbox.fill("Talk for a while.")
+        textbox.press("Enter")
+        for _ in range(3):
+            gate.release()
+        page.get_by_text("word0 word1 word2").wait_for(timeout=30_000)
+        page.locator("body").click(position={"x": 5, "y": 5})
+        record = backend.records[-1]
+        page.keyboard.press("Escape")
+        assert record.cancel_event.wait(timeout=30), "Esc did not reach the server"
+        gate.release()  # the paced generation takes its next step and sees the cancel
+        assert record.finished.wait(timeout=30)
+        page.wait_for_function("() => document.querySelector('#chat').innerText.includes('stopped')", timeout=30_000)
+        browser.close()
+    assert record.cancelled_at == 3 and record.pieces_sent == 3 < record.pieces_total

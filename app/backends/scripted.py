@@ -32,6 +32,7 @@ class GenerationRecord:
     """What one scripted generation did, for assertions."""
 
     pieces_total: int
+    cancel_event: threading.Event
     pieces_sent: int = 0
     cancelled_at: int | None = None
     finished: threading.Event = field(default_factory=threading.Event)
@@ -72,9 +73,9 @@ class ScriptedBackend:
         self.conversations.append(list(conversation))
         text = self.script(conversation) if callable(self.script) else self.script
         pieces = split_into_pieces(text)[: settings.max_new_tokens]
-        record = GenerationRecord(pieces_total=len(pieces))
-        self.records.append(record)
         event = cancel_event or threading.Event()
+        record = GenerationRecord(pieces_total=len(pieces), cancel_event=event)
+        self.records.append(record)
         out: queue.Queue[str | BaseException | None] = queue.Queue()
 
         def generate() -> None:
