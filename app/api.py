@@ -60,22 +60,19 @@ def register_api(controller: Controller) -> None:
             ``xyxy`` on the original (EXIF-transposed) image, ``norm999`` and ``image_index``.
         """
         session = Session()
-        for item in history or []:
-            if item.get("role") == "user":
-                refused = controller.ingest(session, [_path(f) for f in item.get("images") or []])
-                if refused:
-                    raise gr.Error("; ".join(refused))
-                turn = session.start_turn(str(item.get("content", "")), str(item.get("content", "")), Mode.ASK)
-            elif item.get("role") == "assistant" and session.turns:
-                session.update_reply(session.turns[-1], str(item.get("content", "")), final=True)
-        refused = controller.ingest(session, [_path(f) for f in images or []])
-        if refused:
-            raise gr.Error("; ".join(refused))
         try:
-            turn = controller.begin(session, message, mode)
+            for item in history or []:
+                if item.get("role") == "user":
+                    content = str(item.get("content", ""))
+                    controller.accept(session, content, [_path(f) for f in item.get("images") or []], Mode.ASK)
+                elif item.get("role") == "assistant" and session.turns:
+                    session.update_reply(session.turns[-1], str(item.get("content", "")), final=True)
+            turn, _notes = controller.accept(session, message, [_path(f) for f in images or []], mode)
         except (UserError, ValueError) as exc:
             raise gr.Error(str(exc)) from exc
-        settings = GenerationSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature))
+        settings = GenerationSettings(
+            max_new_tokens=controller.limits.clamp_new_tokens(max_new_tokens), temperature=float(temperature)
+        )
         try:
             for update in controller.run_turn(session, turn, settings):
                 yield {
@@ -91,9 +88,9 @@ def register_api(controller: Controller) -> None:
 
     def _one_image(image: Any) -> Session:
         session = Session()
-        refused = controller.ingest(session, [_path(image)])
-        if refused:
-            raise gr.Error("; ".join(refused))
+        report = controller.ingest(session, [_path(image)])
+        if report.problems:
+            raise gr.Error("Could not use " + "; ".join(report.problems))
         return session
 
     def ground(image: gr.FileData, phrase: str, max_new_tokens: int = 512) -> dict:
@@ -111,7 +108,8 @@ def register_api(controller: Controller) -> None:
             turn = controller.begin(session, phrase, Mode.FIND)
         except UserError as exc:
             raise gr.Error(str(exc)) from exc
-        for _update in controller.run_turn(session, turn, GROUNDING_SETTINGS.with_max(max_new_tokens)):
+        settings = GROUNDING_SETTINGS.with_max(controller.limits.clamp_new_tokens(max_new_tokens))
+        for _update in controller.run_turn(session, turn, settings):
             pass
         if turn.error:
             raise gr.Error(turn.error)

@@ -10,23 +10,22 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.generation import GenerationSettings
 from model.grounding import parse_grounding
-from model.images import ImageError, open_image
+from model.images import ImageError, ingest_image
 
 from .backends.base import Backend, BackendError
 from .click import ClickResult, identify
 from .exports import coco_from_document, session_document, write_annotated_png, write_json
+from .limits import Limits
 from .modes import Mode, build_prompt
 from .render import for_display
 from .session import Session, Turn
 from .views import DISPLAY_MAX_SIDE
 
-MAX_IMAGES_PER_TURN = 8
-MAX_PROMPT_CHARS = 8000
 TILING_OFF_NOTICE = (
     "This conversation now has 3 or more images, so the model sees each one as a single 384×384 view "
     "(no high-resolution tiling). For fine detail, keep only the active image."
@@ -47,28 +46,54 @@ class UserError(ValueError):
     """Bad input; the message tells the user what to do. The session is unchanged."""
 
 
+@dataclass
+class IngestReport:
+    added: list[str] = field(default_factory=list)  # image keys now in the session
+    problems: list[str] = field(default_factory=list)  # refused files, with the reason
+    notes: list[str] = field(default_factory=list)  # accepted, but worth saying (e.g. animated GIF)
+
+
 class Controller:
-    def __init__(self, backend: Backend, *, image_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, backend: Backend, *, image_dir: str | os.PathLike[str] | None = None, limits: Limits | None = None
+    ) -> None:
         self.backend = backend
+        self.limits = limits or Limits()
         self.image_dir = Path(image_dir or Path(tempfile.gettempdir()) / "vl2-studio")
         self.image_dir.mkdir(parents=True, exist_ok=True)
 
     # -- images ------------------------------------------------------------------------------
-    def ingest(self, session: Session, sources: Sequence[str | os.PathLike[str]]) -> list[str]:
-        """Canonicalise uploads (EXIF, RGB) once. Returns messages for files that were refused."""
-        problems = []
+    def ingest(self, session: Session, sources: Sequence[str | os.PathLike[str]]) -> IngestReport:
+        """Canonicalise uploads (EXIF, RGB) once; refused files are reported, not added."""
+        if len(sources) > self.limits.max_images_per_turn:
+            raise UserError(
+                f"{len(sources)} images in one message; the limit is {self.limits.max_images_per_turn}. "
+                "Send fewer at a time."
+            )
+        report = IngestReport()
         for source in sources:
             name = Path(str(source)).name
             try:
-                image = open_image(source)
+                ingested = ingest_image(source, max_pixels=self.limits.max_pixels)
             except ImageError as exc:
-                problems.append(f"{name}: {exc}")
+                report.problems.append(f"{name}: {exc}")
                 continue
-            entry = session.add_image(image, name)
-            path = self.image_dir / session.session_id / f"{entry.key}.png"
+            entry = session.add_image(ingested.image, name)
+            report.added.append(entry.key)
+            report.notes += [f"{name}: {note}" for note in ingested.notes]
+            path = Path(self.image_path(session, entry.key))
             path.parent.mkdir(parents=True, exist_ok=True)
-            image.save(path)
-        return problems
+            ingested.image.save(path)
+        return report
+
+    def rollback(self, session: Session, keys: Sequence[str]) -> None:
+        """Forget images added by a request that was then refused (the session is as before)."""
+        for key in keys:
+            session.images.pop(key, None)
+            if key in session.pending_images:
+                session.pending_images.remove(key)
+        if session.active_image not in session.images:
+            session.active_image = session.latest_image_key() or next(reversed(session.images), None)
 
     def image_path(self, session: Session, key: str) -> str:
         return str(self.image_dir / session.session_id / f"{key}.png")
@@ -82,14 +107,35 @@ class Controller:
         text = (text or "").strip()
         if not text:
             raise UserError("Type a question (or, in Find mode, what to look for).")
-        if len(text) > MAX_PROMPT_CHARS:
-            raise UserError(f"The message is {len(text):,} characters; please keep it under {MAX_PROMPT_CHARS:,}.")
-        if len(session.pending_images) > MAX_IMAGES_PER_TURN:
-            raise UserError(f"{len(session.pending_images)} images in one turn; the limit is {MAX_IMAGES_PER_TURN}.")
+        if len(text) > self.limits.max_prompt_chars:
+            raise UserError(
+                f"The message is {len(text):,} characters; please keep it under {self.limits.max_prompt_chars:,}."
+            )
+        if len(session.pending_images) > self.limits.max_images_per_turn:
+            raise UserError(
+                f"{len(session.pending_images)} images in one turn; the limit is {self.limits.max_images_per_turn}."
+            )
         mode = Mode(mode)
         if mode is not Mode.ASK and session.image_count_after_send() == 0:
             raise UserError("Grounding needs an image: upload one first.")
         return session.start_turn(text, build_prompt(mode, text), mode)
+
+    def accept(
+        self, session: Session, text: str, sources: Sequence[str | os.PathLike[str]], mode: Mode | str
+    ) -> tuple[Turn, list[str]]:
+        """Take a message with its images as one unit: all of it, or nothing (and a clear reason).
+
+        Returns the new turn and notes worth showing (e.g. "animated image: first frame").
+        """
+        report = self.ingest(session, sources)
+        if report.problems:
+            self.rollback(session, report.added)
+            raise UserError("Could not use " + "; ".join(report.problems))
+        try:
+            return self.begin(session, text, mode), report.notes
+        except UserError:
+            self.rollback(session, report.added)
+            raise
 
     def fit_context(self, session: Session, settings: GenerationSettings) -> list[str]:
         """Drop the oldest turns until prompt + reply fit the context; returns notices."""
@@ -110,6 +156,7 @@ class Controller:
 
     def run_turn(self, session: Session, turn: Turn, settings: GenerationSettings) -> Iterator[Update]:
         """Stream the reply for ``turn``; boxes are parsed as each ``<|/det|>`` arrives."""
+        settings = settings.with_max(self.limits.clamp_new_tokens(settings.max_new_tokens))
         try:
             notices = tuple(self.fit_context(session, settings))
             handle = self.backend.stream(session.messages(), settings, cancel_event=session.cancel_event)

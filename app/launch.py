@@ -10,10 +10,10 @@ from collections.abc import Sequence
 
 from .backends.base import Backend, BackendInfo
 from .backends.loading import BackgroundLoadedBackend
+from .limits import Limits
 from .ui import build_demo, launch_options
 
 DEFAULT_MODEL = "deepseek-ai/deepseek-vl2-tiny"
-QUEUE_MAX_SIZE = 32
 log = logging.getLogger("vl2-studio")
 
 
@@ -99,9 +99,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     backend = make_backend(args)
-    demo = build_demo(backend)
-    demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=1)
+    limits = Limits()
+    demo = build_demo(backend, limits=limits)
+    # One model lane (concurrency_id "model") and a bounded queue: users see their place in line,
+    # and past the bound they are told the queue is full instead of waiting forever.
+    demo.queue(max_size=limits.queue_size, default_concurrency_limit=1)
     if args.share:
         print("--share: this app will be reachable by anyone with the gradio.live link", file=sys.stderr)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True, **launch_options())
+    demo.launch(
+        server_name=args.host, server_port=args.port, share=args.share, show_error=True, **launch_options(limits)
+    )
     return 0

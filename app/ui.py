@@ -14,13 +14,13 @@ from .api import register_api
 from .backends.base import Backend
 from .controller import Controller, UserError
 from .examples import EXAMPLES
+from .limits import Limits
 from .modes import MODE_HELP, Mode
 from .session import Session
 from .views import annotated_view_file, box_rows, chat_messages, label_summary, raw_output, view_signature
 from .zerogpu import gpu
 
 TITLE = "VL2 Grounding Studio"
-SESSION_TTL_SECONDS = 2 * 3600
 BOX_HEADERS = ["#", "label", "image", "turn", "pixels x1, y1, x2, y2", "0–999"]
 KEYBOARD_HELP = "Keys: Enter sends · Esc stops · 1–9 select a box · click the image to ask “what is this?”"
 CSS = """
@@ -50,9 +50,10 @@ KEYBOARD_JS = """
 """
 
 
-def launch_options() -> dict:
+def launch_options(limits: Limits | None = None) -> dict:
     """What ``demo.launch`` needs besides the address (Gradio 6 takes css/js there)."""
-    return {"css": CSS, "js": KEYBOARD_JS}
+    limits = limits or Limits()
+    return {"css": CSS, "js": KEYBOARD_JS, "max_file_size": f"{limits.max_upload_mb}mb"}
 
 
 def header_markdown(backend: Backend) -> str:
@@ -69,8 +70,8 @@ def _cancel_session(session: Session | None) -> None:
         session.cancel_event.set()
 
 
-def build_demo(backend: Backend, *, image_dir: str | Path | None = None) -> gr.Blocks:
-    controller = Controller(backend, image_dir=image_dir)
+def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits: Limits | None = None) -> gr.Blocks:
+    controller = Controller(backend, image_dir=image_dir, limits=limits)
     live_sessions: weakref.WeakValueDictionary[str, Session] = weakref.WeakValueDictionary()
 
     def session_of(session: Session | None, request: gr.Request | None) -> Session:
@@ -121,7 +122,7 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None) -> gr.B
             temperature=float(temperature),
             top_p=float(top_p),
             repetition_penalty=float(repetition_penalty),
-            max_new_tokens=int(max_new_tokens),
+            max_new_tokens=controller.limits.clamp_new_tokens(max_new_tokens),
         )
 
     @gpu
@@ -137,16 +138,17 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None) -> gr.B
     ) -> Iterator[tuple]:
         session = session_of(session, request)
         message = message or {}
-        for problem in controller.ingest(session, message.get("files") or []):
-            gr.Warning(problem)
-        keep_text = gr.update(value={"text": message.get("text", ""), "files": []})
+        files = list(message.get("files") or [])
+        # On refusal the message and its images go back into the box, so nothing is lost.
+        keep_message = gr.update(value={"text": message.get("text", ""), "files": files})
         try:
-            turn = controller.begin(session, message.get("text", ""), mode)
+            turn, notes = controller.accept(session, message.get("text", ""), files, mode)
         except UserError as exc:
             gr.Warning(str(exc))
-            # What the user typed stays in the box; uploaded images stay pending for the next question.
-            yield (*render_all(session), keep_text, session)
+            yield (*render_all(session), keep_message, session)
             return
+        for note in notes:
+            gr.Info(note)
         settings = settings_from(temperature, top_p, repetition_penalty, max_new_tokens)
         cleared = gr.update(value={"text": "", "files": []})
         try:
@@ -172,7 +174,7 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None) -> gr.B
                 )
         except UserError as exc:
             gr.Warning(str(exc))
-            yield (*render_all(session), keep_text, session)
+            yield (*render_all(session), keep_message, session)
 
     def stop(session: Session | None) -> None:
         if session is not None:
@@ -298,7 +300,7 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None) -> gr.B
         return header_markdown(backend), gr.Timer(active=status != "ready" and "failed" not in status)
 
     with gr.Blocks(title=TITLE, delete_cache=(3600, 3600)) as demo:
-        state = gr.State(None, time_to_live=SESSION_TTL_SECONDS, delete_callback=_cancel_session)
+        state = gr.State(None, time_to_live=controller.limits.session_ttl_seconds, delete_callback=_cancel_session)
         pending_click = gr.State(None)
         header = gr.Markdown(header_markdown(backend), elem_id="header")
         timer = gr.Timer(1.0, active=getattr(backend, "status", "ready") != "ready")

@@ -1,26 +1,53 @@
 """Image ingest: every image is canonicalised once — EXIF orientation applied, RGB — so that all
-coordinates (the model's 0–999 values and pixel boxes) refer to the photo as the user sees it."""
+coordinates (the model's 0–999 values and pixel boxes) refer to the photo as the user sees it.
+
+Bad files are refused with a message that says what to do, sorted into categories the app can
+act on: ``empty``, ``not_an_image``, ``unsupported`` (SVG, PDF, HEIC without its plugin),
+``damaged`` and ``too_large`` (checked from the header, before any pixel is decoded).
+"""
 
 from __future__ import annotations
 
 import io
 import os
+import re
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-DEFAULT_MAX_PIXELS = 64_000_000  # above this, refuse before decoding (decompression-bomb guard)
+DEFAULT_MAX_PIXELS = int(os.environ.get("VL2_MAX_PIXELS", 64_000_000))
+# Pillow's own bomb check (an error at twice its limit) must never fire before ours does.
+Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, DEFAULT_MAX_PIXELS)
+
+try:  # HEIC/HEIF (iPhone photos) when the optional plugin is installed
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    HEIF_SUPPORTED = True
+except ImportError:
+    HEIF_SUPPORTED = False
 
 
 class ImageError(ValueError):
-    """The file is not an image we can read; the message says what to do."""
+    """The file is not an image we can read; ``category`` says why, the message what to do."""
+
+    def __init__(self, message: str, category: str) -> None:
+        super().__init__(message)
+        self.category = category
+
+
+@dataclass
+class IngestedImage:
+    image: Image.Image
+    notes: list[str] = field(default_factory=list)  # things the user should know, e.g. "first frame only"
 
 
 def canonicalize(image: Image.Image) -> Image.Image:
     """EXIF-transpose and convert to RGB; transparent pixels are composited over white."""
-    image = ImageOps.exif_transpose(image) or image
     if getattr(image, "n_frames", 1) > 1:
         image.seek(0)
+    image = ImageOps.exif_transpose(image) or image
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -31,29 +58,72 @@ def canonicalize(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image.copy()
 
 
-def open_image(
+def _sniff_unsupported(head: bytes) -> str | None:
+    text = head.lstrip()[:256].lower()
+    if text.startswith(b"%pdf"):
+        return "PDF files are documents, not images: export the page you want as PNG or JPEG"
+    if text.startswith(b"<svg") or (text.startswith(b"<?xml") and b"<svg" in head.lower()):
+        return "SVG is a vector format: export it as PNG first"
+    if head[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypheif", b"ftyphevc"):
+        return "HEIC photos need the pillow-heif package (`pip install pillow-heif`), or export the photo as JPEG"
+    return None
+
+
+def ingest_image(
     source: str | os.PathLike[str] | bytes | BinaryIO | Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> Image.Image:
-    """Open a path, bytes, file object or PIL image as a canonical RGB image."""
+) -> IngestedImage:
+    """Open a path, bytes, file object or PIL image as a canonical RGB image, with notes."""
     if isinstance(source, Image.Image):
-        return canonicalize(source)
+        return IngestedImage(canonicalize(source))
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     try:
+        if isinstance(source, str | os.PathLike):
+            if os.path.getsize(source) == 0:
+                raise ImageError("the file is empty (0 bytes)", "empty")
+            with open(source, "rb") as handle:
+                head = handle.read(512)
+        else:
+            position = source.tell()
+            head = source.read(512)
+            source.seek(position)
+            if not head:
+                raise ImageError("the file is empty (0 bytes)", "empty")
         image = Image.open(source)
         width, height = image.size
         if width * height > max_pixels:
             raise ImageError(
-                f"the image is {width}×{height} ({width * height / 1e6:.0f} MP), above the {max_pixels / 1e6:.0f} MP "
-                "limit; downscale it first"
+                f"the image is {width}×{height} ({width * height / 1e6:.0f} MP), above the "
+                f"{max_pixels / 1e6:.0f} MP limit; downscale it first",
+                "too_large",
             )
         image.load()
     except ImageError:
         raise
     except FileNotFoundError as exc:
-        raise ImageError(f"no such file: {source}") from exc
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        raise ImageError("not a readable image (supported: JPEG, PNG, WebP, GIF, BMP, TIFF)") from exc
-    except (OSError, SyntaxError) as exc:
-        raise ImageError(f"the image file is damaged or truncated ({exc})") from exc
-    return canonicalize(image)
+        raise ImageError(f"no such file: {source}", "not_an_image") from exc
+    except Image.DecompressionBombError as exc:
+        # Pillow refuses far-too-large headers at open(); say it in the same words as our own check.
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(pixels.group(1)) / 1e6:.0f} MP" if pixels else "too many pixels"
+        raise ImageError(
+            f"the image is {size}, above the {max_pixels / 1e6:.0f} MP limit; downscale it first", "too_large"
+        ) from exc
+    except UnidentifiedImageError as exc:
+        reason = _sniff_unsupported(head)
+        if reason:
+            raise ImageError(reason, "unsupported") from exc
+        raise ImageError("not a readable image (supported: JPEG, PNG, WebP, GIF, BMP, TIFF)", "not_an_image") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"the image file is damaged or truncated ({exc})", "damaged") from exc
+    notes = []
+    if getattr(image, "n_frames", 1) > 1:
+        notes.append(f"animated image: using the first of its {image.n_frames} frames")
+    return IngestedImage(canonicalize(image), notes)
+
+
+def open_image(
+    source: str | os.PathLike[str] | bytes | BinaryIO | Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Open a path, bytes, file object or PIL image as a canonical RGB image."""
+    return ingest_image(source, max_pixels=max_pixels).image

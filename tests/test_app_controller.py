@@ -50,7 +50,7 @@ def run(controller, session, text, mode=Mode.FIND, settings=SETTINGS):
 def test_boxes_are_in_pixels_of_the_image_as_seen(tmp_path, stored, orientation, seen):
     backend, controller, session = make(tmp_path, find_reply("cat", (100, 200, 300, 400)))
     path = solid_image(tmp_path / "photo.jpg", stored, exif_orientation=orientation)
-    assert controller.ingest(session, [path]) == []
+    assert controller.ingest(session, [path]).problems == []
     turn, _updates = run(controller, session, "cat")
     width, height = seen
     assert session.images["img1"].size == seen  # EXIF applied once, at ingest
@@ -139,7 +139,7 @@ def test_bad_input_is_refused_and_nothing_is_lost(tmp_path):
     before = (list(session.images), len(session.turns), list(session.turns[0].boxes))
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"this is not a jpeg")
-    problems = controller.ingest(session, [broken])
+    problems = controller.ingest(session, [broken]).problems
     assert len(problems) == 1 and "broken.jpg" in problems[0]
     with pytest.raises(UserError, match="Type a question"):
         controller.begin(session, "   ", Mode.ASK)

@@ -46,14 +46,15 @@ class ScriptedBackend:
         info: BackendInfo | None = None,
         fail_after: int | None = None,
         failure: BaseException | None = None,
-        gate: threading.Semaphore | None = None,
+        gate: threading.Semaphore | Callable[[Sequence[Message]], threading.Semaphore | None] | None = None,
         tokens_per_image: int = 421,
     ) -> None:
         self.script = script
         self.info = info or BackendInfo(model_id="scripted", precision="n/a", device="cpu")
         self.fail_after = fail_after
         self.failure = failure
-        self.gate = gate  # when set, each piece waits for one release (lets tests pace the stream)
+        # When set (or returned for a conversation), each piece waits for one release: tests pace streams.
+        self.gate = gate
         self.tokens_per_image = tokens_per_image
         self.records: list[GenerationRecord] = []
         self.conversations: list[list[Message]] = []
@@ -73,6 +74,7 @@ class ScriptedBackend:
         self.conversations.append(list(conversation))
         text = self.script(conversation) if callable(self.script) else self.script
         pieces = split_into_pieces(text)[: settings.max_new_tokens]
+        gate = self.gate(conversation) if callable(self.gate) else self.gate
         event = cancel_event or threading.Event()
         record = GenerationRecord(pieces_total=len(pieces), cancel_event=event)
         self.records.append(record)
@@ -81,8 +83,8 @@ class ScriptedBackend:
         def generate() -> None:
             try:
                 for index, piece in enumerate(pieces):
-                    if self.gate is not None:
-                        self.gate.acquire()
+                    if gate is not None:
+                        gate.acquire()
                     if event.is_set():
                         record.cancelled_at = index
                         return
@@ -108,8 +110,8 @@ class ScriptedBackend:
             finally:
                 if worker.is_alive():  # the consumer left early: cancel, like the real backend
                     event.set()
-                    if self.gate is not None:
-                        self.gate.release()  # let a paced worker observe the cancel
+                    if gate is not None:
+                        gate.release()  # let a paced worker observe the cancel
                 worker.join()
 
         return ReplyHandle(deltas(), event)
