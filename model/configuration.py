@@ -128,7 +128,10 @@ class DeepseekVL2Config(PreTrainedConfig):
         if isinstance(self.vision_config, dict):
             self.vision_config = SiglipVisionConfig(**self.vision_config)
         if isinstance(self.text_config, dict):
-            self.text_config = text_config_from_official(self.text_config)
+            # Our own to_dict() (save_pretrained) carries the transformers form; a hub config, the official one.
+            own = {cls.model_type: cls for cls in (VL2TinyTextConfig, VL2SmallTextConfig, VL2BaseTextConfig)}
+            kind = own.get(self.text_config.get("model_type"))
+            self.text_config = kind(**self.text_config) if kind else text_config_from_official(self.text_config)
         super().__post_init__(**kwargs)
 
     @classmethod

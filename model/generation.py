@@ -132,6 +132,9 @@ def stream_reply(
 
     def run() -> None:
         try:
+            if event.is_set():  # cancelled before it started: do not even run the vision tower
+                streamer.end()
+                return
             if settings.seed is not None:
                 torch.manual_seed(settings.seed)
             model.generate(

@@ -272,6 +272,10 @@ def load_model(
         config = load_official_config(path)
     except (ConfigError, KeyError, ValueError) as exc:
         raise ModelLoadError(f"{path}/config.json is not a DeepSeek-VL2 config: {exc}") from exc
+    try:  # the processor first: a broken tokenizer should fail before minutes of weight loading
+        processor = DeepseekVL2Processor.from_pretrained(path)
+    except (OSError, KeyError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: tokenizer or processor files are missing or broken ({exc})") from exc
     kwargs = {}
     if quantization:
         kwargs["quantization_config"] = bnb_config(quantization, torch_dtype)
@@ -296,7 +300,6 @@ def load_model(
         if leftovers:
             raise ModelLoadError(f"{len(leftovers)} expert weights were not quantized, e.g. {leftovers[:3]}")
     model.eval()
-    processor = DeepseekVL2Processor.from_pretrained(path)
     load_info = LoadInfo(
         model_id=str(model_id_or_path),
         path=str(path),

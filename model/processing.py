@@ -2,7 +2,8 @@
 
 Token construction (one sample):
 
-1. ``[bos]``; a non-empty system prompt follows as ``system + "\\n\\n"``.
+1. ``[bos]``; a non-empty system prompt follows as ``system + "\\n\\n"`` (the template's rendering;
+   the official ``conversations=`` path drops system prompts, so the default "" matches it exactly).
 2. Each user turn is rendered ``"<|User|>: " + text + "\\n\\n<|Assistant|>:"``, split on ``<image>``;
    each text piece is encoded on its own (no special tokens added) and every ``<image>`` becomes
    ``211 + 14·nh·(14·nw+1)`` copies of the ``<image>`` id (the model overwrites them).
@@ -66,7 +67,8 @@ def render_prompt(messages: Sequence[Message], system_prompt: str = "") -> str:
             text = place_image_tags(message.text.strip(), len(message.images))
             parts.append(f"{USER_ROLE}: {text}\n\n{ASSISTANT_ROLE}:")
         else:
-            parts.append(message.text.strip() + EOS_TEXT)
+            # Display form, as the official template shows it; the tokens carry no leading space.
+            parts.append(" " + message.text.strip() + EOS_TEXT)
     return "".join(parts)
 
 

@@ -9,7 +9,7 @@ from model.image_processing import image_token_count
 from model.modeling import MlpProjector
 from model.testing import VARIANTS
 
-from .reference import official_routing, official_vit
+from .reference import official_language_logits, official_routing, official_vit
 from .test_model_loading import read_checkpoint
 
 
@@ -166,20 +166,37 @@ def test_prefill_and_greedy_tokens_through_public_generate(loaded_fp32):
         assert new.shape == (1, 16)
 
 
-def test_batched_left_padding_matches_single(loaded_fp32):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_language_model_matches_the_official_computation(variant, checkpoints, loaded_fp32):
+    """Attention (MHA/MLA, RoPE per variant), routing, expert mixing and shared experts, end to end."""
+    import json
+
+    model = loaded_fp32[variant].model
+    tensors = read_checkpoint(checkpoints[variant])
+    language_config = json.loads((checkpoints[variant] / "config.json").read_text())["language_config"]
+    embeds = torch.randn(11, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = model.language(inputs_embeds=embeds[None]).logits[0]
+    expected = official_language_logits(tensors, language_config, embeds)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_batched_generation_with_left_padding_equals_single_runs(loaded_fp32):
     from model.processing import Message
 
     loaded = loaded_fp32["small"]
     model, processor = loaded.model, loaded.processor
     short = [Message("user", "Hi <image>", [_gradient_image(200, 200)])]
-    long = [Message("user", "A longer question about this picture, please answer <image>", [_gradient_image(300, 500)])]
+    long = [
+        Message("user", "A longer question about this picture, please answer <image> now", [_gradient_image(300, 500)])
+    ]
+    settings = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False, "pad_token_id": processor.special.pad}
     batch = processor([short, long])
-    single = processor(short)
-    with torch.no_grad():
-        batched_logits = model(**batch).logits
-        single_logits = model(**single).logits
     assert batch["attention_mask"][0, 0].item() is False  # left padded
-    torch.testing.assert_close(batched_logits[0, -1], single_logits[0, -1], rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        together = model.generate(**batch, **settings)
+        alone = [model.generate(**processor(c), **settings)[0] for c in (short, long)]
+    assert torch.equal(together[0], alone[0]) and torch.equal(together[1], alone[1])
 
 
 def _gradient_image(width: int, height: int):

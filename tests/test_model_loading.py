@@ -191,3 +191,23 @@ def test_missing_tensor_is_an_error(tmp_path, checkpoints):
     (copy / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ModelLoadError, match="view_seperator"):
         load_model(copy, device="cpu", dtype="fp32")
+
+
+def test_config_round_trips_through_to_dict():
+    from model.configuration import DeepseekVL2Config
+
+    for variant in VARIANTS:
+        config = config_from_official(official_config(variant, full_size=True))
+        again = DeepseekVL2Config(**config.to_dict())
+        assert type(again.text_config) is type(config.text_config)
+        assert again.text_config.to_dict() == config.text_config.to_dict()
+
+
+def test_missing_tokenizer_fails_fast_with_a_clear_message(tmp_path, checkpoints):
+    import shutil
+
+    copy = tmp_path / "no-tokenizer"
+    shutil.copytree(checkpoints["tiny"], copy)
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(ModelLoadError, match=r"tokenizer\.json"):
+        load_model(copy, device="cpu")

@@ -28,7 +28,7 @@ def test_two_turn_template():
         Message("user", "And its color?"),
     ]
     assert render_prompt(conversation) == (
-        "<|User|>: <image>\nWhat is this?\n\n<|Assistant|>:A cat.<｜end▁of▁sentence｜>"
+        "<|User|>: <image>\nWhat is this?\n\n<|Assistant|>: A cat.<｜end▁of▁sentence｜>"
         "<|User|>: And its color?\n\n<|Assistant|>:"
     )
 
