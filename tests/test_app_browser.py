@@ -27,6 +27,16 @@ def _close(a: tuple[int, ...], b: tuple[int, ...], tolerance: int = 60) -> bool:
     return sum(abs(x - y) for x, y in zip(a[:3], b[:3], strict=True)) <= tolerance
 
 
+def send(page, image_path, text: str):
+    """Attach an image and send a message the way a user does (Enter in the prompt box)."""
+    page.locator("#prompt input[type=file]").set_input_files(str(image_path))
+    textbox = page.locator("#prompt textarea")
+    textbox.fill(text)
+    page.wait_for_function("() => !document.querySelector('button.submit-button')?.disabled")
+    textbox.press("Enter")
+    return textbox
+
+
 def test_find_draws_the_box_in_the_browser(tmp_path):
     backend = ScriptedBackend(find_reply("grey square", BOX))
     image_path = solid_image(tmp_path / "square.png", (900, 600))
@@ -38,12 +48,7 @@ def test_find_draws_the_box_in_the_browser(tmp_path):
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(url)
         page.get_by_label("Find", exact=True).check()
-        page.locator("#prompt input[type=file]").set_input_files(str(image_path))
-        textbox = page.locator("#prompt textarea")
-        textbox.fill("the grey square")
-        page.locator("button.submit-button").first.wait_for(state="visible")
-        page.wait_for_function("() => !document.querySelector('button.submit-button')?.disabled")
-        textbox.press("Enter")
+        send(page, image_path, "the grey square")
         page.locator("mark", has_text="grey square").wait_for(timeout=30_000)
         shown = page.locator("#image-view img").first
         shown.wait_for(state="visible")
@@ -100,11 +105,7 @@ def test_click_to_ground_in_the_browser(tmp_path):
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         page.goto(url)
-        page.locator("#prompt input[type=file]").set_input_files(str(image_path))
-        textbox = page.locator("#prompt textarea")
-        textbox.fill("What is this?")
-        page.wait_for_function("() => !document.querySelector('button.submit-button')?.disabled")
-        textbox.press("Enter")
+        send(page, image_path, "What is this?")
         page.get_by_text("It is a grey picture.").wait_for(timeout=30_000)
         shown = page.locator("#image-view img").first
         shown.wait_for(state="visible")
@@ -162,11 +163,7 @@ def test_keyboard_selects_boxes_and_escape_stops(tmp_path):
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(url)
-        page.locator("#prompt input[type=file]").set_input_files(str(image_path))
-        textbox = page.locator("#prompt textarea")
-        textbox.fill("<|grounding|>two things")
-        page.wait_for_function("() => !document.querySelector('button.submit-button')?.disabled")
-        textbox.press("Enter")
+        textbox = send(page, image_path, "<|grounding|>two things")
         page.locator("#box-counts").get_by_text("1 × b").wait_for(timeout=30_000)
         page.locator("body").click(position={"x": 5, "y": 5})  # focus out of the text box
         page.keyboard.press("2")
