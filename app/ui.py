@@ -243,13 +243,12 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits:
     def export(kind: str):
         def run(session: Session | None):
             session = session or Session()
+            writers = {"json": controller.export_json, "coco": controller.export_coco, "png": controller.export_png}
             try:
-                return {"json": controller.export_json, "coco": controller.export_coco, "png": controller.export_png}[
-                    kind
-                ](session)
+                return gr.update(value=writers[kind](session), visible=True)
             except UserError as exc:
                 gr.Warning(str(exc))
-                return None
+                return gr.update()
 
         run.__name__ = f"export_{kind}"
         return run
@@ -325,7 +324,12 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits:
                 with gr.Accordion("Boxes", open=True):
                     counts = gr.Markdown(label_summary(Session()), elem_id="box-counts")
                     box_table = gr.Dataframe(
-                        headers=BOX_HEADERS, interactive=False, max_height=260, elem_id="box-table", wrap=True
+                        headers=BOX_HEADERS,
+                        interactive=False,
+                        max_height=260,
+                        elem_id="box-table",
+                        wrap=True,
+                        column_widths=["7%", "20%", "19%", "9%", "27%", "18%"],
                     )
                     label_filter = gr.CheckboxGroup(label="Show labels", choices=[], elem_id="label-filter")
                     with gr.Row():
@@ -336,7 +340,7 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits:
                         json_button = gr.Button("Export JSON", size="sm")
                         coco_button = gr.Button("Export COCO", size="sm")
                         png_button = gr.Button("Export PNG", size="sm")
-                    download = gr.File(label="Download", interactive=False, elem_id="download", height=90)
+                    download = gr.File(label="Download", interactive=False, elem_id="download", visible=False)
                 with gr.Accordion("Raw output (the model's exact text and rejected spans)", open=False):
                     raw = gr.Code(label="Model text", language=None, lines=6, interactive=False)
             with gr.Column(scale=6):

@@ -52,7 +52,8 @@ def test_find_draws_the_box_in_the_browser(tmp_path):
         page.locator("mark", has_text="grey square").wait_for(timeout=30_000)
         shown = page.locator("#image-view img").first
         shown.wait_for(state="visible")
-        page.wait_for_function("(el) => el.complete && el.naturalWidth > 0", arg=shown.element_handle(), timeout=30_000)
+        page.locator("#box-counts").get_by_text("1 × grey square").wait_for(timeout=30_000)
+        shown.evaluate("el => el.decode()")
         page.screenshot(path=str(shot_path), full_page=True)
         box = shown.bounding_box()
         natural = shown.evaluate("el => [el.naturalWidth, el.naturalHeight]")
@@ -119,9 +120,8 @@ def test_click_to_ground_in_the_browser(tmp_path):
         page.mouse.click(left + click_x * scale, top + click_y * scale)
         page.locator("#box-counts").get_by_text("1 × grey square").wait_for(timeout=30_000)
         assert page.locator("#box-table").get_by_text("grey square").count() >= 1  # the panel gained a row
-        page.wait_for_function(
-            "(el) => el.complete && el.naturalWidth > 0 && el.src.includes('view-')", arg=shown.element_handle()
-        )
+        # The counts and the annotated view arrive in the same update; wait until that image is decoded.
+        shown.evaluate("el => el.decode()")
         page.screenshot(path=str(shot_path), full_page=True)
         page.get_by_role("button", name="Export JSON").click()
         link = page.locator("#download a").first
