@@ -23,6 +23,7 @@ from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (
 
 from .configuration import TextConfig, VL2BaseTextConfig, VL2SmallTextConfig, VL2TinyTextConfig
 from .experts import install_routed_experts
+from .mla import install_absorbed_mla
 
 
 class VL2TinyForCausalLM(DeepseekOcr2TextPreTrainedModel, GenerationMixin):
@@ -72,4 +73,5 @@ def build_language_model(text_config: TextConfig) -> nn.Module:
     cls = LANGUAGE_MODEL_CLASSES[type(text_config)]
     lm = cls(text_config)
     install_routed_experts(lm, text_config)
+    install_absorbed_mla(lm)
     return lm

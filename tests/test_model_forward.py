@@ -206,3 +206,38 @@ def _gradient_image(width: int, height: int):
     y = torch.linspace(0, 255, height).view(height, 1).expand(height, width)
     rgb = torch.stack([x, y, 255 - x], dim=-1).to(torch.uint8).numpy()
     return Image.fromarray(rgb, "RGB")
+
+
+@pytest.mark.parametrize("variant", ["small", "base"])
+def test_absorbed_mla_decode_equals_the_stock_path(variant, loaded_fp32):
+    from model.mla import set_absorbed_mla
+    from model.processing import Message
+
+    loaded = loaded_fp32[variant]
+    model, processor = loaded.model, loaded.processor
+    batch = processor(
+        [
+            [Message("user", "Short <image>", [_gradient_image(160, 200)])],
+            [Message("user", "A longer prompt, so the first row is left-padded <image>", [_gradient_image(400, 300)])],
+        ]
+    )
+    settings = {"max_new_tokens": 12, "min_new_tokens": 12, "do_sample": False, "pad_token_id": processor.special.pad,
+                "output_logits": True, "return_dict_in_generate": True}  # fmt: skip
+    embeds = model.prepare_inputs_embeds(
+        batch["input_ids"], batch["pixel_values"], batch["images_seq_mask"], batch["images_spatial_crop"]
+    )
+    runs = {}
+    try:
+        for absorbed in (True, False):
+            set_absorbed_mla(model.language, absorbed)
+            with torch.no_grad():
+                runs[absorbed] = model.language.generate(
+                    input_ids=batch["input_ids"], inputs_embeds=embeds, attention_mask=batch["attention_mask"].long(),
+                    **settings,
+                )  # fmt: skip
+    finally:
+        set_absorbed_mla(model.language, True)
+    assert torch.equal(runs[True].sequences, runs[False].sequences)
+    for fast, stock in zip(runs[True].logits, runs[False].logits, strict=True):
+        relative = (fast - stock).norm() / stock.norm()
+        assert relative < 1e-5, f"absorbed decode differs by {relative:.2e}"
