@@ -22,9 +22,7 @@ from .click import ClickResult, identify
 from .exports import coco_from_document, session_document, write_annotated_png, write_json
 from .limits import Limits
 from .modes import Mode, build_prompt
-from .render import for_display
 from .session import Session, Turn
-from .views import DISPLAY_MAX_SIDE
 
 TILING_OFF_NOTICE = (
     "This conversation now has 3 or more images, so the model sees each one as a single 384×384 view "
@@ -202,8 +200,7 @@ class Controller:
     # -- click-to-ground -----------------------------------------------------------------------
     def display_to_original(self, session: Session, key: str, x: float, y: float) -> tuple[float, float]:
         """A click on the (possibly downscaled) displayed image → pixels of the original image."""
-        original = session.images[key].image
-        shown = for_display(original, DISPLAY_MAX_SIDE)
+        original, shown = session.images[key].image, session.images[key].display
         return x * original.width / shown.width, y * original.height / shown.height
 
     def place_pin(self, session: Session, key: str, point: tuple[float, float]) -> None:

@@ -136,5 +136,5 @@ def for_display(image: Image.Image, max_side: int = 2048) -> Image.Image:
     if max(image.size) <= max_side:
         return image
     shown = image.copy()
-    shown.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    shown.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
     return shown

@@ -18,7 +18,7 @@ from model.grounding import Box, GroundingResult, Rejected, parse_grounding
 from model.processing import Message
 
 from .modes import Mode
-from .render import ColorBook
+from .render import ColorBook, for_display
 
 
 @dataclass
@@ -28,9 +28,18 @@ class SessionImage:
     image: Image.Image
     turn: int
 
+    _display: Image.Image | None = None
+
     @property
     def size(self) -> tuple[int, int]:
         return self.image.size
+
+    @property
+    def display(self) -> Image.Image:
+        """The browser-sized copy, made once (a 12 MP downscale costs more than drawing 20 boxes)."""
+        if self._display is None:
+            self._display = for_display(self.image)
+        return self._display
 
 
 @dataclass

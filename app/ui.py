@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,7 +60,10 @@ def launch_options(limits: Limits | None = None) -> dict:
 def header_markdown(backend: Backend) -> str:
     info = backend.info
     status = getattr(backend, "status", "ready")
-    line = f"**Model:** `{info.model_id}` · **precision:** {info.precision} · **device:** {info.device}"
+    precision = html.escape(info.precision)
+    if info.details:  # what was loaded, part by part, on hover
+        precision = f'<abbr title="{html.escape(info.details, quote=True)}">{precision}</abbr>'
+    line = f"**Model:** `{info.model_id}` · **precision:** {precision} · **device:** {info.device}"
     if status != "ready":
         line += f"\n\n⏳ {status}"
     return f"# {TITLE}\nSee what DeepSeek-VL2 sees: ask about images, find objects, get answers with boxes.\n\n{line}"

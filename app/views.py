@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .render import draw_boxes, for_display
+from .render import draw_boxes
 from .session import Session, Turn
 
 DISPLAY_MAX_SIDE = 2048
@@ -90,7 +90,7 @@ def annotated_view(session: Session, key: str | None, *, full_resolution: bool =
     if key is None or key not in session.images:
         return None
     original = session.images[key].image
-    shown = original if full_resolution else for_display(original, DISPLAY_MAX_SIDE)
+    shown = original if full_resolution else session.images[key].display
     scale = shown.width / original.width
     selected = session.selected_box()
     boxes: list[tuple[tuple[float, ...], str]] = []

@@ -4,6 +4,7 @@
 * ``chat --model M --image IMG "question"`` → the answer, streamed to stdout
 * ``parse --size WxH`` → boxes from model text on stdin (no model loaded)
 * ``plan --size WxH [--images N]`` → tile grid and image-token count (no model loaded)
+* ``inspect --model M [--quantization 4bit] [--json]`` → bytes by dtype and part, and placement
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.1)
     parse = sub.add_parser("parse", help="parse model text from stdin into boxes")
     parse.add_argument("--size", type=_size, required=True, help="image size WxH, e.g. 640x480")
+    inspect = sub.add_parser("inspect", help="what was loaded: bytes by dtype and part, and placement")
+    _add_model_args(inspect)
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     plan = sub.add_parser("plan", help="tile grid and image-token count for an image size")
     plan.add_argument("--size", type=_size, required=True)
     plan.add_argument("--images", type=int, default=1, help="images in the request (3+ turns tiling off)")
@@ -121,7 +125,19 @@ def run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"ground": run_ground, "chat": run_chat, "parse": run_parse, "plan": run_plan}
+def run_inspect(args: argparse.Namespace) -> int:
+    from .inspect import format_table, summarize
+
+    loaded = _load(args)
+    summary = summarize(loaded.model)
+    if args.json:
+        print(json.dumps({"model": args.model, "quantization": loaded.info.quantization, **summary}))
+    else:
+        print(f"{loaded.info.summary()}\n{format_table(summary)}")
+    return 0
+
+
+COMMANDS = {"ground": run_ground, "chat": run_chat, "parse": run_parse, "plan": run_plan, "inspect": run_inspect}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

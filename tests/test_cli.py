@@ -100,3 +100,19 @@ def test_missing_model_is_explained():
     result = run_cli("ground", "--model", "/nonexistent/ckpt", "--image", "x.png", "thing")
     assert result.returncode == 2
     assert "error:" in result.stderr
+
+
+def test_inspect_shows_that_the_experts_are_four_bit(checkpoints):
+    result = run_cli(
+        "inspect", "--model", str(checkpoints["tiny"]), "--quantization", "4bit", "--dtype", "bf16", "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    kinds = summary["by_kind"]
+    assert set(kinds["routed experts"]["dtypes"]) == {"uint8"}
+    assert set(kinds["shared experts"]["dtypes"]) == {"uint8"}
+    assert set(kinds["vision"]["dtypes"]) == {"bfloat16"} and kinds["vision"]["devices"] == ["cpu"]
+    assert "lm_head" in kinds and "embeddings" in kinds and "projector" in kinds
+    assert summary["total_bytes"] == sum(summary["by_dtype"].values())
+    table = run_cli("inspect", "--model", str(checkpoints["tiny"]), "--dtype", "fp32")
+    assert "routed experts" in table.stdout and "float32" in table.stdout
