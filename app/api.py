@@ -15,6 +15,7 @@ from .controller import Controller, UserError
 from .exports import coco_from_document, session_document, write_annotated_png
 from .modes import Mode
 from .session import Session
+from .zerogpu import gpu
 
 GROUNDING_SETTINGS = GenerationSettings(temperature=0.0, repetition_penalty=1.0)
 
@@ -163,8 +164,9 @@ def register_api(controller: Controller) -> None:
         path = write_annotated_png(session, "img1", controller.export_dir(session) / "annotated.png")
         return gr.FileData(path=path, mime_type="image/png")
 
-    gr.api(chat, api_name="chat", concurrency_id="model", concurrency_limit=1)
-    gr.api(ground, api_name="ground", concurrency_id="model", concurrency_limit=1)
-    gr.api(identify, api_name="identify", concurrency_id="model", concurrency_limit=1)
+    # The model-backed endpoints share the UI's single model lane (and get a GPU on ZeroGPU).
+    gr.api(gpu(chat), api_name="chat", concurrency_id="model", concurrency_limit=1)
+    gr.api(gpu(ground), api_name="ground", concurrency_id="model", concurrency_limit=1)
+    gr.api(gpu(identify), api_name="identify", concurrency_id="model", concurrency_limit=1)
     gr.api(to_coco, api_name="to_coco")
     gr.api(annotate, api_name="annotate")

@@ -190,3 +190,28 @@ def test_keyboard_selects_boxes_and_escape_stops(tmp_path):
         page.wait_for_function("() => document.querySelector('#chat').innerText.includes('stopped')", timeout=30_000)
         browser.close()
     assert record.cancelled_at == 3 and record.pieces_sent == 3 < record.pieces_total
+
+
+def test_closing_the_tab_cancels_the_generation(tmp_path):
+    import threading
+
+    gate = threading.Semaphore(0)
+    backend = ScriptedBackend(" ".join(f"w{i}" for i in range(300)), gate=gate)
+    with running_app(backend, tmp_path) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(url)
+        textbox = page.locator("#prompt textarea")
+        textbox.fill("talk")
+        page.wait_for_function("() => !document.querySelector('button.submit-button')?.disabled")
+        textbox.press("Enter")
+        for _ in range(3):
+            gate.release()
+        page.get_by_text("w0 w1 w2").wait_for(timeout=30_000)
+        record = backend.records[-1]
+        page.close()
+        assert record.cancel_event.wait(timeout=60), "closing the tab must cancel the generation"
+        gate.release()  # its next step sees the cancel
+        assert record.finished.wait(timeout=30)
+        browser.close()
+    assert record.cancelled_at == 3 and record.pieces_sent == 3
