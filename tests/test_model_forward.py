@@ -241,3 +241,15 @@ def test_absorbed_mla_decode_equals_the_stock_path(variant, loaded_fp32):
     for fast, stock in zip(runs[True].logits, runs[False].logits, strict=True):
         relative = (fast - stock).norm() / stock.norm()
         assert relative < 1e-5, f"absorbed decode differs by {relative:.2e}"
+
+
+def test_vision_tile_batches_do_not_change_the_result(loaded_fp32):
+    model = loaded_fp32["tiny"].model
+    tiles = torch.rand(5, 3, 384, 384) * 2 - 1
+    with torch.no_grad():
+        model.vision_tiles_per_batch = 8
+        together = model.encode_tiles(tiles)
+        model.vision_tiles_per_batch = 2
+        in_pairs = model.encode_tiles(tiles)
+    model.vision_tiles_per_batch = 8
+    torch.testing.assert_close(in_pairs, together, rtol=1e-5, atol=1e-5)

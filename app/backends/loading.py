@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -10,6 +11,8 @@ from model.generation import GenerationSettings
 from model.processing import Message
 
 from .base import Backend, BackendError, BackendInfo, ReplyHandle
+
+log = logging.getLogger("vl2-studio")
 
 
 class BackgroundLoadedBackend:
@@ -33,6 +36,7 @@ class BackgroundLoadedBackend:
             self._backend = loader(self._report)
         except BaseException as exc:  # reported to the UI and terminal; the server keeps running
             self._error = exc
+            log.error("model failed to load: %s", exc)
         finally:
             self._ready.set()
 
