@@ -124,6 +124,16 @@ def active_params(model: torch.nn.Module) -> tuple[float, float]:
     return flops_params, step_bytes
 
 
+def logit_error(logits: dict[str, torch.Tensor], name: str) -> float | None:
+    """Relative L2 error of a configuration's logits against the same variant in fp32 (if measured)."""
+    variant = name.split("/")[0]
+    reference = logits.get(f"{variant}/fp32")
+    own = logits.get(name.removesuffix(" (A/A)"))
+    if reference is None or own is None:
+        return None
+    return round(((own - reference).norm() / reference.norm()).item(), 4)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small checkpoints, 2 rounds, 8 decode tokens")
@@ -151,6 +161,13 @@ def main(argv=None) -> int:
         shift = round_index % len(schedule)
         for config in schedule[shift:] + schedule[:shift]:
             measure(config, image, decode_tokens)
+    # Quantization error on the same random weights: last-token logits vs the variant's fp32 run.
+    probe = [Message("user", "Describe the picture.", [image.resize((384, 384))])]
+    logits = {}
+    with torch.inference_mode():
+        for config in configs:
+            inputs = config.loaded.processor(probe)
+            logits[config.name] = config.loaded.model(**inputs).logits[0, -1].float()
     rows = []
     for config in schedule:
         median = {key: statistics.median(values) for key, values in config.samples.items()}
@@ -169,10 +186,11 @@ def main(argv=None) -> int:
                 **{key: round(value, 4) for key, value in median.items()},
                 "prefill_vs_gemm_floor": round(median["prefill_s"] / prefill_floor, 2),
                 "decode_vs_bandwidth_floor": round(median["decode_ms_per_token"] / decode_floor_ms, 2),
+                "logit_error_vs_fp32": logit_error(logits, config.name),
             }
         )
     header = ["config", "weights_gb", "load_s", "vision_per_tile_s", "prefill_s", "prefill_vs_gemm_floor",
-              "decode_ms_per_token", "decode_vs_bandwidth_floor", "cpu_over_wall"]  # fmt: skip
+              "decode_ms_per_token", "decode_vs_bandwidth_floor", "logit_error_vs_fp32", "cpu_over_wall"]  # fmt: skip
     print(" | ".join(header))
     for row in rows:
         print(" | ".join(str(row[key]) for key in header))
