@@ -87,9 +87,8 @@ class Session:
     def image_count_after_send(self) -> int:
         return sum(len(t.image_keys) for t in self.turns) + len(self.pending_images)
 
-    def latest_image_key(self, upto_turn: int | None = None) -> str | None:
-        turns = self.turns if upto_turn is None else self.turns[: upto_turn + 1]
-        for turn in reversed(turns):
+    def latest_image_key(self) -> str | None:
+        for turn in reversed(self.turns):
             if turn.image_keys:
                 return turn.image_keys[-1]
         return None

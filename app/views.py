@@ -18,7 +18,6 @@ from PIL import Image
 from .render import draw_boxes
 from .session import Session, Turn
 
-DISPLAY_MAX_SIDE = 2048
 _GROUNDING_SPAN = re.compile(
     r"<\|ref\|>(.*?)<\|/ref\|>\s*(?:<\|det\|>.*?<\|/det\|>)?|<\|det\|>.*?<\|/det\|>", re.DOTALL
 )

@@ -45,9 +45,6 @@ class GenerationSettings:
         return kwargs
 
 
-GREEDY = GenerationSettings(temperature=0.0, repetition_penalty=1.0)
-
-
 class CancelOnEvent(StoppingCriteria):
     """Stops generation at the first step after ``event`` is set; counts the steps it saw."""
 

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .configuration import ConfigError, DeepseekVL2Config, load_official_config, variant_name
+from .configuration import ConfigError, load_official_config, variant_name
 from .experts import RoutedExperts
 from .modeling import DeepseekVL2ForCausalLM
 from .processing import DeepseekVL2Processor
@@ -314,7 +314,3 @@ def load_model(
         bytes_by_dtype=bytes_by_dtype(model),
     )
     return LoadedModel(model=model, processor=processor, info=load_info)
-
-
-def config_from_pretrained(model_id_or_path: str | os.PathLike[str]) -> DeepseekVL2Config:
-    return load_official_config(resolve_checkpoint(model_id_or_path))

@@ -10,7 +10,6 @@ sequence, and the renames that let the unchanged hub checkpoints load. Vision is
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -275,10 +274,6 @@ class DeepseekVL2ForCausalLM(PreTrainedModel):
         )
         sequences = output.sequences if hasattr(output, "sequences") else output
         return sequences[:, input_ids.shape[1] :]
-
-
-def param_count(model: nn.Module, names: Sequence[str] | None = None) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if names is None or n.split(".")[0] in names)
 
 
 register_checkpoint_conversion_mapping(DeepseekVL2ForCausalLM.__name__, checkpoint_conversions(), overwrite=True)
