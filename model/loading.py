@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import os
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch import nn
 
 from .configuration import ConfigError, load_official_config, variant_name
 from .experts import RoutedExperts
+from .inspect import summarize
 from .modeling import DeepseekVL2ForCausalLM
 from .processing import DeepseekVL2Processor
 
@@ -60,6 +60,7 @@ class LoadInfo:
     dtype: str
     quantization: str | None
     bytes_by_dtype: dict[str, int] = field(default_factory=dict)
+    parts: dict[str, dict] = field(default_factory=dict)  # model.inspect's by-kind table
 
     @property
     def total_bytes(self) -> int:
@@ -223,13 +224,6 @@ def bnb_config(quantization: str, compute_dtype: torch.dtype):
 
 
 # -- checks -----------------------------------------------------------------------------------------
-def bytes_by_dtype(model: nn.Module) -> dict[str, int]:
-    counts: Counter[str] = Counter()
-    for tensor in [*model.parameters(), *model.buffers()]:
-        counts[str(tensor.dtype).removeprefix("torch.")] += tensor.numel() * tensor.element_size()
-    return dict(counts)
-
-
 def unquantized_expert_weights(model: nn.Module) -> list[str]:
     """Names of routed/shared expert weights still stored in floating point (should be empty under bnb)."""
     leftovers = []
@@ -304,6 +298,7 @@ def load_model(
         if leftovers:
             raise ModelLoadError(f"{len(leftovers)} expert weights were not quantized, e.g. {leftovers[:3]}")
     model.eval()
+    summary = summarize(model)
     load_info = LoadInfo(
         model_id=str(model_id_or_path),
         path=str(path),
@@ -311,6 +306,7 @@ def load_model(
         device=device,
         dtype=str(torch_dtype),
         quantization=quantization,
-        bytes_by_dtype=bytes_by_dtype(model),
+        bytes_by_dtype=summary["by_dtype"],
+        parts=summary["by_kind"],
     )
     return LoadedModel(model=model, processor=processor, info=load_info)

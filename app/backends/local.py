@@ -8,18 +8,16 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from model.generation import GenerationSettings, stream_reply
-from model.inspect import summarize
-from model.loading import LoadedModel
+from model.loading import LoadedModel, LoadInfo
 from model.processing import Message
 
 from .base import BackendError, BackendInfo, ReplyHandle
 
 
-def memory_summary(model) -> str:
+def memory_summary(info: LoadInfo) -> str:
     """One line per part ("routed experts 1.25 GB uint8 on cuda:0"), for the header's tooltip."""
-    summary = summarize(model)
-    lines = [f"weights {summary['total_bytes'] / 1e9:.2f} GB"]
-    for kind, entry in summary["by_kind"].items():
+    lines = [f"weights {info.total_bytes / 1e9:.2f} GB"]
+    for kind, entry in info.parts.items():
         dtypes = "+".join(entry["dtypes"])
         lines.append(f"{kind}: {entry['bytes'] / 1e9:.2f} GB {dtypes} on {', '.join(entry['devices'])}")
     return "\n".join(lines)
@@ -44,7 +42,7 @@ class LocalBackend:
             precision=info.quantization or info.dtype.removeprefix("torch."),
             device=info.device,
             context_length=context,
-            details=memory_summary(loaded.model),
+            details=memory_summary(info),
         )
 
     def count_tokens(self, conversation: Sequence[Message], *, system_prompt: str = "") -> int:
