@@ -43,6 +43,7 @@ class ClickResult:
     from_cache: bool
     notice: str | None
     raw_text: str  # the model's grounding text (or the cached box's description)
+    found: tuple[Box, ...] = ()  # every box the model returned for the name (worth caching)
 
 
 def box_contains(box: Box, x: float, y: float) -> bool:
@@ -116,13 +117,7 @@ def identify(backend: Backend, image: Image.Image, x: float, y: float, cached: S
     box, inside = pick_box(found, x, y)
     if box is None:
         box = box_from_pixels(name, region, image.width, image.height)
-        return ClickResult(
-            name,
-            box,
-            True,
-            False,
-            f"The model named it “{name}” but returned no box; showing the area it described.",
-            raw,
-        )
+        notice = f"The model named it “{name}” but returned no box; showing the area it described."
+        return ClickResult(name, box, True, False, notice, raw, (box,))
     notice = None if inside else f"No box for “{name}” contains your click; showing the nearest one."
-    return ClickResult(name, box, inside, False, notice, raw)
+    return ClickResult(name, box, inside, False, notice, raw, tuple(found))

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.generation import GenerationSettings
-from model.grounding import parse_grounding
 from model.images import ImageError, ingest_image
 
 from .backends.base import Backend, BackendError
@@ -209,12 +208,9 @@ class Controller:
 
     def identify_click(self, session: Session, key: str, point: tuple[float, float]) -> ClickResult:
         """Name and box for the object under ``point`` (original pixels); adds a turn and the box."""
-        image = session.images[key].image
         cached = session.click_cache.get(key, [])
-        result = identify(self.backend, image, point[0], point[1], cached)
-        if not result.from_cache:
-            found = parse_grounding(result.raw_text, image.width, image.height).boxes
-            session.remember_boxes(key, found or [result.box])
+        result = identify(self.backend, session.images[key].image, point[0], point[1], cached)
+        session.remember_boxes(key, list(result.found))
         pins = session.pins.get(key, [])
         if point in pins:
             pins.remove(point)  # add_click_turn records the pin with its turn
