@@ -166,11 +166,16 @@ class Controller:
             notices += (TILING_OFF_NOTICE,)
         text = ""
         seen_boxes = 0
+        # Incremental: each token costs the new text only, not a re-parse of the whole reply.
+        parser = session.reply_parser(turn)
         try:
             yield Update(turn, boxes_changed=False, done=False, notices=notices)
             for delta in handle:
                 text += delta
-                session.update_reply(turn, text, final=False)
+                turn.reply = text
+                if parser is not None:
+                    parser.feed(delta)
+                    session.record_grounding(turn, parser.result, final=False)
                 changed = len(turn.boxes) != seen_boxes
                 seen_boxes = len(turn.boxes)
                 yield Update(turn, boxes_changed=changed, done=False)
@@ -183,7 +188,9 @@ class Controller:
             # ends a generation that is still going, e.g. when the browser went away.
             turn.stopped = session.cancel_event.is_set() and not turn.error
             handle.close()
-        session.update_reply(turn, text, final=True)
+        turn.reply = text
+        if parser is not None:
+            session.record_grounding(turn, parser.finish(), final=True)
         yield Update(turn, boxes_changed=True, done=True)
 
     def stop(self, session: Session) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from PIL import Image
 
-from model.grounding import Box, GroundingResult, Rejected, parse_grounding
+from model.grounding import Box, GroundingResult, Rejected, StreamingGroundingParser, parse_grounding
 from model.processing import Message
 
 from .modes import Mode
@@ -121,17 +121,26 @@ class Session:
         return out
 
     def update_reply(self, turn: Turn, reply: str, *, final: bool) -> GroundingResult | None:
+        """Set a whole reply at once (history, tests); streamed replies use :meth:`reply_parser`."""
         turn.reply = reply
         if turn.target_image is None:
             return None
-        width, height = self.images[turn.target_image].size
-        result = parse_grounding(reply, width, height, final=final)
+        result = parse_grounding(reply, *self.images[turn.target_image].size, final=final)
+        self.record_grounding(turn, result, final=final)
+        return result
+
+    def reply_parser(self, turn: Turn) -> StreamingGroundingParser | None:
+        """An incremental parser for ``turn``'s reply (None when the turn has no image to draw on)."""
+        if turn.target_image is None:
+            return None
+        return StreamingGroundingParser(*self.images[turn.target_image].size)
+
+    def record_grounding(self, turn: Turn, result: GroundingResult, *, final: bool) -> None:
         turn.boxes, turn.rejected = result.boxes, result.rejected
         for box in turn.boxes:
             self.colors.color(box.label)
         if final:
             self.remember_boxes(turn.target_image, turn.boxes)
-        return result
 
     def boxes_on(self, image_key: str, *, visible_only: bool = False) -> list[tuple[int, Box]]:
         """All boxes drawn on one image, with the turn they came from."""
