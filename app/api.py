@@ -12,7 +12,7 @@ from model.grounding import strip_grounding_tags
 
 from .click import box_from_pixels
 from .controller import Controller, UserError
-from .exports import coco_from_document, session_document, write_annotated_png
+from .exports import box_records, coco_from_document, session_document, write_annotated_png
 from .modes import Mode
 from .session import Session
 from .zerogpu import gpu
@@ -24,16 +24,6 @@ def _path(file: Any) -> str:
     if isinstance(file, dict):
         return file.get("path") or file.get("name") or ""
     return getattr(file, "path", None) or str(file)
-
-
-def _box_dicts(session: Session, turn) -> list[dict]:
-    image_index = list(session.images).index(turn.target_image) if turn.target_image in session.images else None
-    out = []
-    for box in turn.boxes:
-        item = box.to_dict()
-        item["image_index"] = image_index
-        out.append(item)
-    return out
 
 
 def register_api(controller: Controller) -> None:
@@ -74,12 +64,13 @@ def register_api(controller: Controller) -> None:
         settings = GenerationSettings(
             max_new_tokens=controller.limits.clamp_new_tokens(max_new_tokens), temperature=float(temperature)
         )
+        first_id = 1 + sum(len(t.boxes) for t in session.turns[:-1])  # ids continue the history's
         try:
             for update in controller.run_turn(session, turn, settings):
                 yield {
                     "text": strip_grounding_tags(update.turn.reply),
                     "raw": update.turn.reply,
-                    "boxes": _box_dicts(session, update.turn),
+                    "boxes": box_records(session, update.turn, first_id),
                     "rejected": [r.to_dict() for r in update.turn.rejected],
                     "done": update.done,
                     "error": update.turn.error,

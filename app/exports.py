@@ -30,10 +30,26 @@ from pathlib import Path
 from typing import Any
 
 from .backends.base import BackendInfo
-from .session import Session
+from .session import Session, Turn
 from .views import annotated_view, save_atomically
 
 SCHEMA = "vl2-grounding-studio/1"
+
+
+def box_records(session: Session, turn: Turn, first_id: int = 1) -> list[dict[str, Any]]:
+    """A turn's boxes in the document's form (ids numbered from ``first_id``): one shape everywhere."""
+    keys = list(session.images)
+    image_index = keys.index(turn.target_image) if turn.target_image in session.images else None
+    return [
+        {
+            "id": first_id + offset,
+            "label": box.label or "object",
+            "image_index": image_index,
+            "xyxy": [round(v, 2) for v in box.xyxy],
+            "norm999": list(box.norm999),
+        }
+        for offset, box in enumerate(turn.boxes)
+    ]
 
 
 def session_document(session: Session, info: BackendInfo) -> dict[str, Any]:
@@ -43,21 +59,11 @@ def session_document(session: Session, info: BackendInfo) -> dict[str, Any]:
         width, height = session.images[key].size
         images.append({"index": index, "name": session.images[key].name, "width": width, "height": height})
     turns = []
-    box_id = 0
+    next_id = 1
     for index, turn in enumerate(session.turns):
         image_index = keys.index(turn.target_image) if turn.target_image in session.images else None
-        boxes = []
-        for box in turn.boxes:
-            box_id += 1
-            boxes.append(
-                {
-                    "id": box_id,
-                    "label": box.label or "object",
-                    "image_index": image_index,
-                    "xyxy": [round(v, 2) for v in box.xyxy],
-                    "norm999": list(box.norm999),
-                }
-            )
+        boxes = box_records(session, turn, next_id)
+        next_id += len(boxes)
         turns.append(
             {
                 "index": index,
