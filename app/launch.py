@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     parser.add_argument(
+        "--gpu-memory",
+        default=os.environ.get("VL2_GPU_MEMORY", "auto"),
+        help="GPU budget like 8GiB; auto: the card's free memory. Experts that do not fit run on the CPU",
+    )
+    parser.add_argument(
         "--backend",
         choices=["local", "openai", "scripted"],
         default="local",
@@ -68,6 +73,16 @@ def choose_quantization(requested: str, device: str | None) -> str | None:
     return "4bit" if free < 16 * 2**30 else None
 
 
+def gpu_memory_for(requested: str | None, device: str | None) -> str | None:
+    """The budget to pass to the loader: ``auto`` only means something on a CUDA device."""
+    import torch
+
+    on_cuda = torch.cuda.is_available() and not (device or "cuda").startswith("cpu")
+    if requested in (None, "", "none") or (requested == "auto" and not on_cuda):
+        return None
+    return requested
+
+
 def make_backend(args: argparse.Namespace) -> Backend:
     if args.backend == "scripted":
         from .backends.scripted import ScriptedBackend, demo_script
@@ -86,7 +101,12 @@ def make_backend(args: argparse.Namespace) -> Backend:
         quantization = choose_quantization(args.quantization, args.device)
         log.info("loading %s (quantization=%s, device=%s)", args.model, quantization or "none", args.device or "auto")
         loaded = load_model(
-            args.model, device=args.device, dtype=args.dtype, quantization=quantization, progress=progress
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            quantization=quantization,
+            gpu_memory=gpu_memory_for(args.gpu_memory, args.device),
+            progress=progress,
         )
         log.info("ready: %s", loaded.info.summary())
         return LocalBackend(loaded)

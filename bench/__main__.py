@@ -2,12 +2,16 @@
 
     python -m bench --quick                       # small generated checkpoints, a smoke run (< 5 min)
     python -m bench --variants tiny --full-size   # real dimensions (Tiny: 6.7 GB checkpoint, built once)
+    python -m bench --device cuda --gpu-memory 8GiB --variants small --precisions nf4 --full-size
 
-Protocol: one process; configurations loaded once, then measured in interleaved rounds with the
-order rotated each round; medians reported, with an A/A control (the first configuration measured
-twice) as the noise floor and CPU time beside wall time. Machine floors (fp32 GEMM GFLOP/s and
-memory bandwidth) are measured first; prefill is reported against the GEMM floor and decode against
-the bandwidth floor. Random weights: speeds and bytes are meaningful, answers are not.
+Protocol: machine floors first (GEMM GFLOP/s in fp32 and bf16, memory read bandwidth). Then each
+configuration is loaded once in a process of its own, to measure its peak memory (the maximum
+RSS of a process never goes down). Timing happens in one process: configurations are loaded
+once, then measured in interleaved rounds with the order rotated each round; medians reported,
+with an A/A control (the first configuration measured twice) as the noise floor and CPU time
+beside wall time. Prefill is reported against the GEMM floor of the dtype it multiplies in,
+decode against the bandwidth floor for the bytes a step reads. Random weights: speeds and bytes
+are meaningful, answers are not.
 """
 
 from __future__ import annotations
@@ -15,38 +19,64 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
 import torch
 from PIL import Image
 
+from model.cpu_compute import Fp32PrefillLinear
 from model.inspect import summarize
 from model.loading import LoadedModel, load_model
 from model.processing import Message
 from model.testing import make_checkpoint
 
+from .memory import PeakMemory, max_rss_bytes
+
 CACHE = Path(tempfile.gettempdir()) / "vl2-bench-checkpoints"
+PRECISIONS = {"fp32": ("fp32", None), "bf16": ("bf16", None), "nf4": ("bf16", "4bit"), "int8": ("bf16", "8bit")}
+MB = 1e6
 
 
-def machine_floors() -> dict[str, float]:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(5):
-        a @ b
-    gflops = 5 * 2 * 2048**3 / (time.perf_counter() - start) / 1e9
-    source = torch.empty(64 * 2**20, dtype=torch.float32)  # 256 MiB
-    target = torch.empty_like(source)
-    target.copy_(source)
-    start = time.perf_counter()
-    for _ in range(5):
-        target.copy_(source)
-    bandwidth = 5 * 2 * source.numel() * 4 / (time.perf_counter() - start) / 1e9  # read + write
-    return {"fp32_gemm_gflops": round(gflops, 1), "memory_gb_per_s": round(bandwidth, 1)}
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rate(work, seconds: float = 0.3) -> float:
+    """Calls per second of ``work`` over about ``seconds`` (after one warm-up call)."""
+    work()
+    count, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or count < 3:
+        work()
+        count += 1
+    return count / elapsed
+
+
+def machine_floors(device: torch.device) -> dict[str, float]:
+    floors = {}
+    size = 2048 if device.type == "cpu" else 8192
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(size, size, dtype=dtype, device=device)
+        b = torch.randn(size, size, dtype=dtype, device=device)
+
+        def gemm(a=a, b=b):
+            torch.nn.functional.linear(a, b)
+            _sync(device)
+
+        floors[f"{name}_gemm_gflops"] = round(_rate(gemm) * 2 * size**3 / 1e9, 1)
+    source = torch.ones(64 * 2**20 if device.type == "cpu" else 512 * 2**20, device=device)
+
+    def read():
+        source.sum()
+        _sync(device)
+
+    floors["memory_read_gb_per_s"] = round(_rate(read) * source.numel() * 4 / 1e9, 1)
+    return floors
 
 
 @dataclass
@@ -54,7 +84,6 @@ class Config:
     name: str
     loaded: LoadedModel
     load_seconds: float
-    rss_after_load: int
     samples: dict[str, list[float]] = field(default_factory=dict)
 
     def record(self, key: str, value: float) -> None:
@@ -68,36 +97,51 @@ def build(variant: str, full_size: bool) -> Path:
     return path
 
 
-def load(name: str, path: Path, precision: str) -> Config:
-    dtype, quantization = {"fp32": ("fp32", None), "bf16": ("bf16", None), "nf4": ("bf16", "4bit")}[precision]
+def load(name: str, path: Path, precision: str, device: str, gpu_memory: str | None) -> Config:
+    dtype, quantization = PRECISIONS[precision]
     start = time.perf_counter()
-    loaded = load_model(path, device="cpu", dtype=dtype, quantization=quantization)
+    loaded = load_model(path, device=device, dtype=dtype, quantization=quantization, gpu_memory=gpu_memory)
     with torch.inference_mode():  # the first forward belongs to the load (lazy weights, kernels)
-        loaded.model(input_ids=torch.tensor([[loaded.processor.special.bos]]))
-    return Config(name, loaded, time.perf_counter() - start, psutil.Process().memory_info().rss)
+        loaded.model(input_ids=torch.tensor([[loaded.processor.special.bos]], device=_device(loaded)))
+    _sync(_device(loaded))
+    return Config(name, loaded, time.perf_counter() - start)
 
 
-def measure(config: Config, image: Image.Image, decode_tokens: int) -> None:
+def _device(loaded: LoadedModel) -> torch.device:
+    return loaded.model.get_input_embeddings().weight.device
+
+
+def measure(config: Config, image: Image.Image, decode_tokens: int, chunk: int) -> None:
     model, processor = config.loaded.model, config.loaded.processor
+    device = _device(config.loaded)
     wall, cpu = time.perf_counter(), time.process_time()
+
+    def timed(key: str, work, peak_key: str | None = None):
+        with PeakMemory(device=device) as peak:
+            _sync(device)
+            start = time.perf_counter()
+            result = work()
+            _sync(device)
+        config.record(key, time.perf_counter() - start)
+        if peak_key:
+            config.record(f"{peak_key}_peak_mb", peak.anon_delta / MB)
+            if device.type == "cuda":
+                config.record(f"{peak_key}_cuda_max_allocated_mb", peak.cuda_allocated / MB)
+        return result
+
     with torch.inference_mode():
-        start = time.perf_counter()
-        inputs = processor([Message("user", "<|ref|>the object<|/ref|>.", [image])])
-        config.record("preprocess_s", time.perf_counter() - start)
+        inputs = timed("preprocess_s", lambda: processor([Message("user", "<|ref|>the object<|/ref|>.", [image])]))
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         tiles = inputs["pixel_values"][0, : 1 + int(inputs["images_spatial_crop"][0, 0].prod())]
-        start = time.perf_counter()
-        model.encode_tiles(tiles)
-        vision = time.perf_counter() - start
-        config.record("vision_s", vision)
-        config.record("vision_per_tile_s", vision / tiles.shape[0])
-        start = time.perf_counter()
-        embeds = model.prepare_inputs_embeds(
-            inputs["input_ids"], inputs["pixel_values"], inputs["images_seq_mask"], inputs["images_spatial_crop"]
-        )
-        config.record("assembly_s", max(0.0, time.perf_counter() - start - vision))
-        start = time.perf_counter()
-        out = model.language(inputs_embeds=embeds, attention_mask=inputs["attention_mask"].long(), use_cache=True)
-        config.record("prefill_s", time.perf_counter() - start)
+        timed("vision_s", lambda: model.encode_tiles(tiles), "vision")
+        config.record("vision_per_tile_s", config.samples["vision_s"][-1] / tiles.shape[0])
+        args = (inputs["input_ids"], inputs["pixel_values"], inputs["images_seq_mask"], inputs["images_spatial_crop"])
+        embeds = timed("embeds_s", lambda: model.prepare_inputs_embeds(*args))
+        config.record("assembly_s", max(0.0, config.samples["embeds_s"][-1] - config.samples["vision_s"][-1]))
+        mask = inputs["attention_mask"].long()
+        out = timed("prefill_s", lambda: model.language(inputs_embeds=embeds, attention_mask=mask, use_cache=True,
+                                                         logits_to_keep=1), "prefill")  # fmt: skip
+        timed(f"prefill_chunk{chunk}_s", lambda: model.prefill_cache(embeds, mask, chunk), f"prefill_chunk{chunk}")
         config.record("prompt_tokens", embeds.shape[1])
         cache, token = out.cache, out.logits[:, -1:].argmax(-1)
         steps = []
@@ -105,23 +149,34 @@ def measure(config: Config, image: Image.Image, decode_tokens: int) -> None:
             start = time.perf_counter()
             out = model.language(input_ids=token, cache=cache, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
+            _sync(device)
             steps.append(time.perf_counter() - start)
         config.record("decode_ms_per_token", 1e3 * statistics.median(steps[2:] or steps))
     config.record("cpu_over_wall", (time.process_time() - cpu) / (time.perf_counter() - wall))
 
 
-def active_params(model: torch.nn.Module) -> tuple[float, float]:
-    """(parameters a prompt token multiplies, bytes a decode step reads): shared parts + top-k experts."""
+def step_costs(model: torch.nn.Module) -> tuple[float, float]:
+    """(multiply-adds per prompt token, bytes one decode step reads): shared parts + the top-k experts.
+
+    nf4 stores two weights a byte, so its weights count twice for the arithmetic.
+    """
     text = model.config.text_config
     share = text.num_experts_per_tok / text.n_routed_experts
-    flops_params, step_bytes = 0.0, 0.0
+    macs, step_bytes = 0.0, 0.0
     for name, p in model.language.named_parameters():
-        weight = share if ".mlp.experts." in name else 1.0
         if "embed_tokens" in name:
             continue
-        flops_params += p.numel() * weight * (2 if p.dtype == torch.uint8 else 1)  # nf4 packs 2 values a byte
+        weight = share if ".mlp.experts." in name else 1.0
+        macs += p.numel() * weight * (2 if p.dtype == torch.uint8 else 1)
         step_bytes += p.numel() * p.element_size() * weight
-    return flops_params, step_bytes
+    return macs, step_bytes
+
+
+def prefill_dtype(model: torch.nn.Module) -> str:
+    """The dtype the language model's big products run in."""
+    if any(isinstance(m, Fp32PrefillLinear) for m in model.language.modules()):
+        return "fp32"
+    return "fp32" if model.get_input_embeddings().weight.dtype == torch.float32 else "bf16"
 
 
 def logit_error(logits: dict[str, torch.Tensor], name: str) -> float | None:
@@ -134,66 +189,123 @@ def logit_error(logits: dict[str, torch.Tensor], name: str) -> float | None:
     return round(((own - reference).norm() / reference.norm()).item(), 4)
 
 
+def isolated_memory(args: argparse.Namespace, name: str) -> dict:
+    """Load and measure one configuration in a fresh process; its peak memory as a dict."""
+    command = [sys.executable, "-m", "bench", "--worker", name, "--device", args.device,
+               "--prefill-chunk", str(args.prefill_chunk), "--decode-tokens", "4"]  # fmt: skip
+    if args.full_size:
+        command.append("--full-size")
+    if args.gpu_memory:
+        command += ["--gpu-memory", args.gpu_memory]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode != 0 or not lines:
+        return {"error": (result.stderr.strip().splitlines() or ["no output"])[-1]}
+    return json.loads(lines[-1])
+
+
+def worker(args: argparse.Namespace) -> int:
+    variant, precision = args.worker.split("/")
+    with PeakMemory() as load_peak:
+        config = load(args.worker, build(variant, args.full_size), precision, args.device, args.gpu_memory)
+    after_load = max_rss_bytes()
+    image = Image.new("RGB", (1024, 768), (120, 140, 160))
+    with PeakMemory(device=_device(config.loaded)) as run_peak:
+        measure(config, image, args.decode_tokens, args.prefill_chunk)
+    report = {
+        "load_peak_anon_gb": round(load_peak.peak_anon / 1e9, 2),
+        "load_peak_file_gb": round(load_peak.peak_file / 1e9, 2),
+        "peak_anon_gb": round(max(load_peak.peak_anon, run_peak.peak_anon) / 1e9, 2),
+        "max_rss_after_load_gb": round(after_load / 1e9, 2),
+        "max_rss_gb": round(max_rss_bytes() / 1e9, 2),
+    }
+    if run_peak.cuda_allocated:
+        report["cuda_max_allocated_gb"] = round(run_peak.cuda_allocated / 1e9, 2)
+        report["cuda_max_reserved_gb"] = round(run_peak.cuda_reserved / 1e9, 2)
+    print(json.dumps(report))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small checkpoints, 2 rounds, 8 decode tokens")
     parser.add_argument("--variants", nargs="+", default=["tiny"], choices=["tiny", "small", "base"])
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "nf4"], choices=["fp32", "bf16", "nf4"])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "nf4"], choices=list(PRECISIONS))
     parser.add_argument("--full-size", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--gpu-memory", default=None, help="GPU budget for the loader, e.g. 8GiB")
+    parser.add_argument("--prefill-chunk", type=int, default=512, help="chunk size of the chunked-prefill column")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--decode-tokens", type=int, default=None)
+    parser.add_argument("--no-isolated-memory", action="store_true", help="skip the one-process-per-config runs")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default="bench/results/bench.json")
     args = parser.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 5)
-    decode_tokens = args.decode_tokens or (8 if args.quick else 34)
+    args.decode_tokens = args.decode_tokens or (8 if args.quick else 34)
     torch.manual_seed(0)
-    floors = machine_floors()
-    print(json.dumps({"floors": floors}))
+    if args.worker:
+        return worker(args)
+    device = torch.device(args.device)
+    floors = machine_floors(device)
+    print(json.dumps({"floors": floors}), flush=True)
+    names = [f"{variant}/{precision}" for variant in args.variants for precision in args.precisions]
+    for variant in args.variants:
+        build(variant, args.full_size)
+    memory = {} if args.no_isolated_memory else {name: isolated_memory(args, name) for name in names}
     configs = [
-        load(f"{variant}/{precision}", build(variant, args.full_size), precision)
-        for variant in args.variants
-        for precision in args.precisions
+        load(name, build(name.split("/")[0], args.full_size), name.split("/")[1], args.device, args.gpu_memory)
+        for name in names
     ]
-    control = Config(f"{configs[0].name} (A/A)", configs[0].loaded, configs[0].load_seconds, configs[0].rss_after_load)
+    control = Config(f"{configs[0].name} (A/A)", configs[0].loaded, configs[0].load_seconds)
     schedule = [*configs, control]
     image = Image.new("RGB", (1024, 768), (120, 140, 160))
     for round_index in range(rounds):
         shift = round_index % len(schedule)
         for config in schedule[shift:] + schedule[:shift]:
-            measure(config, image, decode_tokens)
+            measure(config, image, args.decode_tokens, args.prefill_chunk)
     # Quantization error on the same random weights: last-token logits vs the variant's fp32 run.
     probe = [Message("user", "Describe the picture.", [image.resize((384, 384))])]
     logits = {}
     with torch.inference_mode():
         for config in configs:
             inputs = config.loaded.processor(probe)
-            logits[config.name] = config.loaded.model(**inputs).logits[0, -1].float()
+            inputs = {k: v.to(_device(config.loaded)) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            logits[config.name] = config.loaded.model(**inputs).logits[0, -1].float().cpu()
     rows = []
     for config in schedule:
         median = {key: statistics.median(values) for key, values in config.samples.items()}
-        flops_params, step_bytes = active_params(config.loaded.model)
-        prefill_floor = 2 * flops_params * median["prompt_tokens"] / (floors["fp32_gemm_gflops"] * 1e9)
-        decode_floor_ms = 1e3 * step_bytes / (floors["memory_gb_per_s"] * 1e9)
+        macs, step_bytes = step_costs(config.loaded.model)
+        gemm_dtype = prefill_dtype(config.loaded.model)
+        prefill_floor = 2 * macs * median["prompt_tokens"] / (floors[f"{gemm_dtype}_gemm_gflops"] * 1e9)
+        decode_floor_ms = 1e3 * step_bytes / (floors["memory_read_gb_per_s"] * 1e9)
         summary = summarize(config.loaded.model)
         rows.append(
             {
                 "config": config.name,
                 "weights_gb": round(summary["total_bytes"] / 1e9, 3),
                 "bytes_by_dtype": summary["by_dtype"],
+                "bytes_by_part": {kind: entry["bytes"] for kind, entry in summary["by_kind"].items()},
                 "routed_expert_dtypes": sorted(summary["by_kind"].get("routed experts", {}).get("dtypes", {})),
+                "placement": config.loaded.info.placement,
+                "cpu_compute": config.loaded.info.compute,
                 "load_s": round(config.load_seconds, 2),
-                "rss_after_load_gb": round(config.rss_after_load / 1e9, 2),
+                **memory.get(config.name.removesuffix(" (A/A)"), {}),
                 **{key: round(value, 4) for key, value in median.items()},
+                "prefill_gemm_dtype": gemm_dtype,
+                "prefill_floor_s": round(prefill_floor, 3),
                 "prefill_vs_gemm_floor": round(median["prefill_s"] / prefill_floor, 2),
+                "decode_floor_ms": round(decode_floor_ms, 2),
                 "decode_vs_bandwidth_floor": round(median["decode_ms_per_token"] / decode_floor_ms, 2),
                 "logit_error_vs_fp32": logit_error(logits, config.name),
             }
         )
-    header = ["config", "weights_gb", "load_s", "vision_per_tile_s", "prefill_s", "prefill_vs_gemm_floor",
+    header = ["config", "weights_gb", "peak_anon_gb", "load_s", "vision_per_tile_s", "prefill_s",
+              "prefill_vs_gemm_floor", "prefill_peak_mb", f"prefill_chunk{args.prefill_chunk}_peak_mb",
               "decode_ms_per_token", "decode_vs_bandwidth_floor", "logit_error_vs_fp32", "cpu_over_wall"]  # fmt: skip
     print(" | ".join(header))
     for row in rows:
-        print(" | ".join(str(row[key]) for key in header))
+        print(" | ".join(str(row.get(key, "-")) for key in header))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"floors": floors, "rounds": rounds, "rows": rows}, indent=2))

@@ -31,6 +31,11 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantization", default=None, choices=["4bit", "8bit", "none"])
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
+    parser.add_argument(
+        "--gpu-memory",
+        default=None,
+        help="GPU budget like 8GiB, or auto (the card's free memory); experts that do not fit run on the CPU",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=512)
 
 
@@ -58,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace):
     from .loading import load_model
 
-    return load_model(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization)
+    return load_model(
+        args.model, device=args.device, dtype=args.dtype, quantization=args.quantization, gpu_memory=args.gpu_memory
+    )
 
 
 def _open_images(paths: Sequence[str]):
@@ -126,14 +133,31 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from .inspect import format_table, summarize
+    import torch
 
+    from .inspect import format_table, summarize
+    from .loading import UNQUANTIZED_MODULES, gpu_budget_bytes
+    from .placement import plan_for_model
+
+    # Without a CUDA device the budget is planned, not applied: load on the CPU, show what would go where.
+    plan_only = args.gpu_memory is not None and not torch.cuda.is_available()
+    budget = args.gpu_memory
+    if plan_only:
+        args.device, args.gpu_memory = "cpu", None
     loaded = _load(args)
     summary = summarize(loaded.model)
+    placement = loaded.info.placement
+    if plan_only:
+        plan = plan_for_model(loaded.model, gpu_budget_bytes(budget, "cpu"), unquantized=tuple(UNQUANTIZED_MODULES))
+        placement = f"plan only (no CUDA device here): {plan.describe()}"
     if args.json:
-        print(json.dumps({"model": args.model, "quantization": loaded.info.quantization, **summary}))
+        print(json.dumps({"model": args.model, "quantization": loaded.info.quantization, "placement": placement,
+                          **summary}))  # fmt: skip
     else:
         print(f"{loaded.info.summary()}\n{format_table(summary)}")
+        for line in (placement, loaded.info.compute):
+            if line:
+                print(line)
     return 0
 
 

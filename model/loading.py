@@ -20,9 +20,11 @@ import torch
 from torch import nn
 
 from .configuration import ConfigError, load_official_config, variant_name
+from .cpu_compute import apply_cpu_compute, measure_gemm_speeds
 from .experts import RoutedExperts
 from .inspect import summarize
 from .modeling import DeepseekVL2ForCausalLM
+from .placement import Placement, PlacementError, apply_placement, parse_size, plan_for_model
 from .processing import DeepseekVL2Processor
 
 Quantization = Literal["4bit", "8bit"] | None
@@ -61,6 +63,8 @@ class LoadInfo:
     quantization: str | None
     bytes_by_dtype: dict[str, int] = field(default_factory=dict)
     parts: dict[str, dict] = field(default_factory=dict)  # model.inspect's by-kind table
+    placement: str = ""  # the GPU budget plan, when one was given
+    compute: str = ""  # the CPU's per-phase GEMM dtype choice, on the CPU
 
     @property
     def total_bytes(self) -> int:
@@ -244,6 +248,27 @@ def _check_loading_info(info: dict) -> None:
         raise ModelLoadError(f"the checkpoint does not match the DeepSeek-VL2 layout ({details})")
 
 
+# -- GPU memory budget ------------------------------------------------------------------------------
+def gpu_budget_bytes(gpu_memory: str | int, device: str) -> int:
+    """``"auto"`` → what the card has free now; otherwise a size like ``8GiB``."""
+    if isinstance(gpu_memory, int):
+        return gpu_memory
+    if str(gpu_memory).lower() == "auto":
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    try:
+        return parse_size(gpu_memory)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
+
+
+def plan_before_loading(config, budget: int, dtype: torch.dtype, quantization: str | None) -> Placement:
+    """A placement from sizes estimated on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        skeleton = DeepseekVL2ForCausalLM(config).to(dtype)
+    return plan_for_model(skeleton, budget, quantization=quantization, unquantized=tuple(UNQUANTIZED_MODULES))
+
+
 # -- the one call -----------------------------------------------------------------------------------
 def load_model(
     model_id_or_path: str | os.PathLike[str],
@@ -253,13 +278,20 @@ def load_model(
     quantization: str | None = None,
     revision: str | None = None,
     attn_implementation: str = "sdpa",
+    gpu_memory: str | int | None = None,
     progress: Progress | None = None,
 ) -> LoadedModel:
-    """Load an official DeepSeek-VL2 checkpoint (hub id or local folder) ready for inference."""
+    """Load an official DeepSeek-VL2 checkpoint (hub id or local folder) ready for inference.
+
+    ``gpu_memory`` (``"8GiB"``, ``"auto"``) is a budget for a CUDA device: when the model does not
+    fit it, the routed experts of the first MoE layers stay on the CPU (``model/placement.py``).
+    """
     quantization = normalize_quantization(quantization)
     device = device or default_device()
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"--device {device} was asked for, but no CUDA GPU is visible; use --device cpu")
+    if gpu_memory is not None and torch.device(device).type != "cuda":
+        raise ModelLoadError("--gpu-memory is a budget for a CUDA device; it does not apply to --device cpu")
     torch_dtype = parse_dtype(dtype, device)
     if quantization:
         check_bitsandbytes(device, quantization)
@@ -277,12 +309,24 @@ def load_model(
     kwargs = {}
     if quantization:
         kwargs["quantization_config"] = bnb_config(quantization, torch_dtype)
+    placement, load_device = None, device
+    if gpu_memory is not None:
+        budget = gpu_budget_bytes(gpu_memory, device)
+        try:
+            placement = plan_before_loading(config, budget, torch_dtype, quantization)
+        except PlacementError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        if placement.offloads:
+            # Load (and quantize) on the CPU, then move all but the offloaded experts to the GPU.
+            load_device = "cpu"
+            if quantization:
+                check_bitsandbytes("cpu", quantization)
     try:
         model, info = DeepseekVL2ForCausalLM.from_pretrained(
             path,
             config=config,
             dtype=torch_dtype,
-            device_map={"": device},
+            device_map={"": load_device},
             attn_implementation=attn_implementation,
             output_loading_info=True,
             **kwargs,
@@ -298,6 +342,14 @@ def load_model(
         if leftovers:
             raise ModelLoadError(f"{len(leftovers)} expert weights were not quantized, e.g. {leftovers[:3]}")
     model.eval()
+    if placement is not None and placement.offloads:
+        # Re-plan from the exact stored sizes now that they are known, then place.
+        placement = plan_for_model(model, placement.budget_bytes)
+        apply_placement(model, placement, gpu=device)
+        speeds = measure_gemm_speeds()
+        for layer in placement.cpu_layers:  # the CPU's share gets the CPU's best GEMM dtype too
+            apply_cpu_compute(model.language.model.layers[layer].mlp.experts, speeds)
+    compute = apply_cpu_compute(model) if torch.device(device).type == "cpu" else None
     summary = summarize(model)
     load_info = LoadInfo(
         model_id=str(model_id_or_path),
@@ -308,5 +360,7 @@ def load_model(
         quantization=quantization,
         bytes_by_dtype=summary["by_dtype"],
         parts=summary["by_kind"],
+        placement=placement.describe() if placement is not None else "",
+        compute=compute.describe() if compute is not None else "",
     )
     return LoadedModel(model=model, processor=processor, info=load_info)

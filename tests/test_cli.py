@@ -116,3 +116,16 @@ def test_inspect_shows_that_the_experts_are_four_bit(checkpoints):
     assert summary["total_bytes"] == sum(summary["by_dtype"].values())
     table = run_cli("inspect", "--model", str(checkpoints["tiny"]), "--dtype", "fp32")
     assert "routed experts" in table.stdout and "float32" in table.stdout
+
+
+def test_inspect_plans_a_gpu_budget_without_a_gpu(checkpoints):
+    result = run_cli(
+        "inspect", "--model", str(checkpoints["small"]), "--quantization", "4bit", "--dtype", "bf16",
+        "--gpu-memory", "2GiB", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["placement"].startswith("plan only (no CUDA device here): GPU budget 2.0 GiB")
+    assert "everything on the GPU" in summary["placement"]  # the small test checkpoint fits
+    refused = run_cli("inspect", "--model", str(checkpoints["small"]), "--gpu-memory", "1GiB")
+    assert refused.returncode == 2 and "cannot hold the parts that must stay on the GPU" in refused.stderr

@@ -253,3 +253,49 @@ def test_vision_tile_batches_do_not_change_the_result(loaded_fp32):
         in_pairs = model.encode_tiles(tiles)
     model.vision_tiles_per_batch = 8
     torch.testing.assert_close(in_pairs, together, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_chunked_prefill_gives_the_same_logits_and_tokens(variant, loaded_fp32):
+    from model.processing import Message
+
+    loaded = loaded_fp32[variant]
+    model, processor = loaded.model, loaded.processor
+    batch = processor(
+        [
+            [Message("user", "Short <image>", [_gradient_image(160, 200)])],
+            [Message("user", "A longer prompt, so the first row is left-padded <image>", [_gradient_image(400, 300)])],
+        ]
+    )
+    prompt_tokens = batch["input_ids"].shape[1]
+    assert prompt_tokens > 3 * 64  # several chunks, the last one partial
+    mask = batch["attention_mask"].long()
+    settings = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False, "pad_token_id": processor.special.pad}
+    with torch.no_grad():
+        whole = model.generate(**batch, **settings)
+        embeds = model.prepare_inputs_embeds(
+            batch["input_ids"], batch["pixel_values"], batch["images_seq_mask"], batch["images_spatial_crop"]
+        )
+        expected = model.language(inputs_embeds=embeds, attention_mask=mask).logits[:, -1]
+        lengths: list[int] = []
+
+        def record_length(module, args, kwargs):
+            tokens = kwargs["inputs_embeds"] if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]
+            lengths.append(tokens.shape[1])
+
+        for chunk in (64, prompt_tokens - 1):
+            lengths.clear()
+            hook = model.language.register_forward_pre_hook(record_length, with_kwargs=True)
+            try:
+                assert torch.equal(model.generate(**batch, prefill_chunk_size=chunk, **settings), whole)
+            finally:
+                hook.remove()
+            chunks = -(-(prompt_tokens - 1) // chunk)
+            assert max(lengths) <= chunk and lengths[chunks] == 1  # generate itself ran only the last prompt token
+            cache = model.prefill_cache(embeds, mask, chunk)
+            assert cache.get_seq_length() == prompt_tokens - 1
+            last = model.language(
+                inputs_embeds=embeds[:, -1:], attention_mask=mask, position_ids=(mask.sum(-1, keepdim=True) - 1),
+                cache=cache, use_cache=True,
+            ).logits[:, -1]  # fmt: skip
+            torch.testing.assert_close(last, expected, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,127 @@
+"""Which dtype the CPU multiplies in, chosen per phase by measuring this machine.
+
+Weights stay in bf16 on the CPU (half the memory, half the bytes a decode step reads). Whether
+bf16 is also the right dtype to *multiply* in depends on the chip: with AVX512-BF16 or AMX a
+bf16 GEMM runs 2–3× faster than fp32, but on AVX2-only chips PyTorch's bf16 GEMM is 5–40× slower
+than fp32 (measured: a 1024-token prefill of Tiny took 45 s in bf16 against ≈8 s in fp32). So at
+load we time one prefill-shaped GEMM in both dtypes and, where bf16 loses:
+
+* many-row products (prefill, vision) upcast the weight and multiply in fp32 — the upcast costs
+  one pass over the weight, small next to a GEMM with hundreds of rows;
+* few-row products (decode) stay in bf16, where they are memory bound and bf16 reads half the bytes;
+* bitsandbytes 4-bit layers switch their compute dtype the same way;
+* the vision tower, which only ever sees many rows, is stored in fp32 (0.8 GB more for SigLIP).
+
+Activations and the KV cache stay in the weights' dtype, so both phases share one cache.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Below this many rows a product is memory bound and bf16 (fewer bytes) wins on any CPU.
+MIN_ROWS_FOR_FP32 = 16
+# VL2_CPU_GEMM=auto (measure), bf16 (always bf16) or fp32 (fp32 for many-row products).
+CHOICE_ENV = "VL2_CPU_GEMM"
+
+
+@dataclass(frozen=True)
+class GemmSpeeds:
+    fp32_gflops: float
+    bf16_gflops: float
+
+    @property
+    def bf16_is_slow(self) -> bool:
+        return self.bf16_gflops < 0.8 * self.fp32_gflops
+
+
+def measure_gemm_speeds(rows: int = 256, size: int = 1024, seconds: float = 0.15) -> GemmSpeeds:
+    """Time ``F.linear`` of a prefill-shaped product in fp32 and bf16 (about 0.3 s in all)."""
+    speeds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w = torch.randn(rows, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        F.linear(x, w)
+        count, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds or count < 2:
+            F.linear(x, w)
+            count += 1
+        speeds[dtype] = count * 2 * rows * size * size / elapsed / 1e9
+    return GemmSpeeds(fp32_gflops=speeds[torch.float32], bf16_gflops=speeds[torch.bfloat16])
+
+
+class Fp32PrefillLinear(nn.Linear):
+    """An ``nn.Linear`` holding bf16 weights that multiplies in fp32 when given many rows."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows < MIN_ROWS_FOR_FP32 or self.weight.dtype == torch.float32:
+            return F.linear(x, self.weight, self.bias)
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
+
+
+def _pick_4bit_compute_dtype(module: nn.Module, args: tuple) -> None:
+    x = args[0]
+    rows = x.numel() // x.shape[-1]
+    module.compute_dtype = torch.float32 if rows >= MIN_ROWS_FOR_FP32 else torch.bfloat16
+
+
+def use_fp32_for_many_rows(language_model: nn.Module) -> int:
+    """Make every bf16 linear (and 4-bit linear) under ``language_model`` multiply in fp32 for
+    prefill-sized inputs and in bf16 for decode. Returns the number of layers changed."""
+    changed = 0
+    for module in language_model.modules():
+        if type(module) is nn.Linear and module.weight.dtype == torch.bfloat16:
+            # Same parameters, same names: only the forward differs.
+            module.__class__ = Fp32PrefillLinear
+            changed += 1
+        elif type(module).__name__ == "Linear4bit" and module.weight.device.type == "cpu":
+            module.compute_type_is_set = True  # keep bitsandbytes from overriding our choice
+            module.register_forward_pre_hook(_pick_4bit_compute_dtype)
+            changed += 1
+    return changed
+
+
+@dataclass(frozen=True)
+class CpuComputePlan:
+    speeds: GemmSpeeds
+    fp32_for_many_rows: bool
+
+    def describe(self) -> str:
+        choice = "fp32 for prefill and vision, bf16 for decode" if self.fp32_for_many_rows else "bf16 throughout"
+        return (
+            f"CPU GEMM: bf16 {self.speeds.bf16_gflops:.0f} GFLOP/s, fp32 {self.speeds.fp32_gflops:.0f} GFLOP/s "
+            f"→ {choice}"
+        )
+
+
+def apply_cpu_compute(model: nn.Module, speeds: GemmSpeeds | None = None) -> CpuComputePlan | None:
+    """Choose per-phase compute for a bf16 model on the CPU; ``None`` when nothing applies."""
+    language = getattr(model, "language", model)
+    first = next(language.parameters(), None)
+    if first is None or first.device.type != "cpu":
+        return None
+    low_precision = any(p.dtype == torch.bfloat16 for p in model.parameters()) or any(
+        type(m).__name__ == "Linear4bit" for m in model.modules()
+    )
+    if not low_precision:
+        return None
+    speeds = speeds or measure_gemm_speeds()
+    choice = os.environ.get(CHOICE_ENV, "auto").lower()
+    if choice not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"{CHOICE_ENV}={choice!r}: use auto, bf16 or fp32")
+    fp32 = speeds.bf16_is_slow if choice == "auto" else choice == "fp32"
+    plan = CpuComputePlan(speeds=speeds, fp32_for_many_rows=fp32)
+    if plan.fp32_for_many_rows:
+        use_fp32_for_many_rows(language)
+        for part in ("vision", "projector"):
+            module = getattr(model, part, None)
+            if module is not None:
+                module.float()
+    return plan
