@@ -158,7 +158,8 @@ def measure(config: Config, image: Image.Image, decode_tokens: int, chunk: int) 
 def step_costs(model: torch.nn.Module) -> tuple[float, float]:
     """(multiply-adds per prompt token, bytes one decode step reads): shared parts + the top-k experts.
 
-    nf4 stores two weights a byte, so its weights count twice for the arithmetic.
+    nf4 stores two weights a byte, so its weights count twice for the arithmetic. ``lm_head`` runs
+    for the last prompt token only (``logits_to_keep=1``), so it is left out of the per-token work.
     """
     text = model.config.text_config
     share = text.num_experts_per_tok / text.n_routed_experts
@@ -167,7 +168,8 @@ def step_costs(model: torch.nn.Module) -> tuple[float, float]:
         if "embed_tokens" in name:
             continue
         weight = share if ".mlp.experts." in name else 1.0
-        macs += p.numel() * weight * (2 if p.dtype == torch.uint8 else 1)
+        if "lm_head" not in name:
+            macs += p.numel() * weight * (2 if p.dtype == torch.uint8 else 1)
         step_bytes += p.numel() * p.element_size() * weight
     return macs, step_bytes
 
@@ -179,14 +181,15 @@ def prefill_dtype(model: torch.nn.Module) -> str:
     return "fp32" if model.get_input_embeddings().weight.dtype == torch.float32 else "bf16"
 
 
-def logit_error(logits: dict[str, torch.Tensor], name: str) -> float | None:
-    """Relative L2 error of a configuration's logits against the same variant in fp32 (if measured)."""
+def logit_error(logits: dict[str, torch.Tensor], name: str) -> tuple[float, str] | None:
+    """Relative L2 error of a configuration's logits against the most precise run of the same variant."""
     variant = name.split("/")[0]
-    reference = logits.get(f"{variant}/fp32")
     own = logits.get(name.removesuffix(" (A/A)"))
-    if reference is None or own is None:
-        return None
-    return round(((own - reference).norm() / reference.norm()).item(), 4)
+    for precision in ("fp32", "bf16"):
+        reference = logits.get(f"{variant}/{precision}")
+        if reference is not None and own is not None:
+            return round(((own - reference).norm() / reference.norm()).item(), 4), precision
+    return None
 
 
 def isolated_memory(args: argparse.Namespace, name: str) -> dict:
@@ -197,6 +200,8 @@ def isolated_memory(args: argparse.Namespace, name: str) -> dict:
         command.append("--full-size")
     if args.gpu_memory:
         command += ["--gpu-memory", args.gpu_memory]
+    if args.emulate_gpu_gib:
+        command += ["--emulate-gpu-gib", str(args.emulate_gpu_gib)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode != 0 or not lines:
@@ -234,6 +239,12 @@ def main(argv=None) -> int:
     parser.add_argument("--full-size", action="store_true")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--gpu-memory", default=None, help="GPU budget for the loader, e.g. 8GiB")
+    parser.add_argument(
+        "--emulate-gpu-gib",
+        type=float,
+        default=None,
+        help="cap PyTorch's CUDA allocator at this many GiB (a smaller card's memory; its speed is not emulated)",
+    )
     parser.add_argument("--prefill-chunk", type=int, default=512, help="chunk size of the chunked-prefill column")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--decode-tokens", type=int, default=None)
@@ -244,6 +255,10 @@ def main(argv=None) -> int:
     rounds = args.rounds or (2 if args.quick else 5)
     args.decode_tokens = args.decode_tokens or (8 if args.quick else 34)
     torch.manual_seed(0)
+    if args.emulate_gpu_gib:
+        total = torch.cuda.get_device_properties(torch.device(args.device)).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.emulate_gpu_gib * 2**30 / total, torch.device(args.device))
+        args.gpu_memory = args.gpu_memory or f"{args.emulate_gpu_gib}GiB"
     if args.worker:
         return worker(args)
     device = torch.device(args.device)
@@ -297,12 +312,13 @@ def main(argv=None) -> int:
                 "prefill_vs_gemm_floor": round(median["prefill_s"] / prefill_floor, 2),
                 "decode_floor_ms": round(decode_floor_ms, 2),
                 "decode_vs_bandwidth_floor": round(median["decode_ms_per_token"] / decode_floor_ms, 2),
-                "logit_error_vs_fp32": logit_error(logits, config.name),
+                **dict(zip(("logit_error", "logit_error_vs"), logit_error(logits, config.name) or (), strict=False)),
             }
         )
     header = ["config", "weights_gb", "peak_anon_gb", "load_s", "vision_per_tile_s", "prefill_s",
               "prefill_vs_gemm_floor", "prefill_peak_mb", f"prefill_chunk{args.prefill_chunk}_peak_mb",
-              "decode_ms_per_token", "decode_vs_bandwidth_floor", "logit_error_vs_fp32", "cpu_over_wall"]  # fmt: skip
+              "decode_ms_per_token", "decode_vs_bandwidth_floor", "logit_error", "logit_error_vs",
+              "cpu_over_wall"]  # fmt: skip
     print(" | ".join(header))
     for row in rows:
         print(" | ".join(str(row.get(key, "-")) for key in header))

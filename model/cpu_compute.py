@@ -56,7 +56,7 @@ def measure_gemm_speeds(rows: int = 256, size: int = 1024, seconds: float = 0.15
 
 
 class Fp32PrefillLinear(nn.Linear):
-    """An ``nn.Linear`` holding bf16 weights that multiplies in fp32 when given many rows."""
+    """An ``nn.Linear`` holding bf16/fp16 weights that multiplies in fp32 when given many rows."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
@@ -67,9 +67,10 @@ class Fp32PrefillLinear(nn.Linear):
 
 
 def _pick_4bit_compute_dtype(module: nn.Module, args: tuple) -> None:
+    # One generation at a time runs per model (the app's lane), so flipping an attribute is safe.
     x = args[0]
     rows = x.numel() // x.shape[-1]
-    module.compute_dtype = torch.float32 if rows >= MIN_ROWS_FOR_FP32 else torch.bfloat16
+    module.compute_dtype = torch.float32 if rows >= MIN_ROWS_FOR_FP32 else module.decode_compute_dtype
 
 
 def use_fp32_for_many_rows(language_model: nn.Module) -> int:
@@ -77,12 +78,13 @@ def use_fp32_for_many_rows(language_model: nn.Module) -> int:
     prefill-sized inputs and in bf16 for decode. Returns the number of layers changed."""
     changed = 0
     for module in language_model.modules():
-        if type(module) is nn.Linear and module.weight.dtype == torch.bfloat16:
+        if type(module) is nn.Linear and module.weight.dtype in (torch.bfloat16, torch.float16):
             # Same parameters, same names: only the forward differs.
             module.__class__ = Fp32PrefillLinear
             changed += 1
         elif type(module).__name__ == "Linear4bit" and module.weight.device.type == "cpu":
-            module.compute_type_is_set = True  # keep bitsandbytes from overriding our choice
+            module.decode_compute_dtype = module.compute_dtype or torch.bfloat16
+            module.compute_type_is_set = True  # our hook chooses; bitsandbytes' first-call guess is not needed
             module.register_forward_pre_hook(_pick_4bit_compute_dtype)
             changed += 1
     return changed
@@ -107,7 +109,7 @@ def apply_cpu_compute(model: nn.Module, speeds: GemmSpeeds | None = None) -> Cpu
     first = next(language.parameters(), None)
     if first is None or first.device.type != "cpu":
         return None
-    low_precision = any(p.dtype == torch.bfloat16 for p in model.parameters()) or any(
+    low_precision = any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()) or any(
         type(m).__name__ == "Linear4bit" for m in model.modules()
     )
     if not low_precision:

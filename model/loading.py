@@ -43,6 +43,8 @@ CHECKPOINT_FILES = [
 # MLA's kv_b_proj (2 % of Small) stays too: it is applied to a 4-D latent, which bitsandbytes'
 # int8 CPU path mishandles, and absorbed-MLA decoding needs its real values.
 UNQUANTIZED_MODULES = ["vision", "projector", "lm_head", "kv_b_proj"]
+# Prompt tokens per prefill forward when a GPU budget is tight (model/placement.py's reserve).
+PLACED_PREFILL_CHUNK = 1024
 
 
 class ModelLoadError(RuntimeError):
@@ -309,7 +311,7 @@ def load_model(
     kwargs = {}
     if quantization:
         kwargs["quantization_config"] = bnb_config(quantization, torch_dtype)
-    placement, load_device = None, device
+    placement, load_device, model_prefill_chunk = None, device, None
     if gpu_memory is not None:
         budget = gpu_budget_bytes(gpu_memory, device)
         try:
@@ -317,8 +319,16 @@ def load_model(
         except PlacementError as exc:
             raise ModelLoadError(str(exc)) from exc
         if placement.offloads:
+            if quantization == "8bit":
+                # bitsandbytes' int8 weights keep their row statistics on the device they were made
+                # on; moving them afterwards leaves the two apart. 4-bit moves cleanly.
+                raise ModelLoadError(
+                    f"{model_id_or_path} in 8-bit does not fit {placement.budget_bytes / 2**30:.1f} GiB; "
+                    "use --quantization 4bit (experts that do not fit then run on the CPU) or a larger --gpu-memory"
+                )
             # Load (and quantize) on the CPU, then move all but the offloaded experts to the GPU.
             load_device = "cpu"
+            model_prefill_chunk = PLACED_PREFILL_CHUNK
             if quantization:
                 check_bitsandbytes("cpu", quantization)
     try:
@@ -344,8 +354,13 @@ def load_model(
     model.eval()
     if placement is not None and placement.offloads:
         # Re-plan from the exact stored sizes now that they are known, then place.
-        placement = plan_for_model(model, placement.budget_bytes)
-        apply_placement(model, placement, gpu=device)
+        try:
+            placement = plan_for_model(model, placement.budget_bytes)
+            apply_placement(model, placement, gpu=device)
+        except (PlacementError, torch.OutOfMemoryError) as exc:
+            raise ModelLoadError(f"could not place {model_id_or_path} in the GPU budget: {exc}") from exc
+        # The activation reserve assumes prefill in chunks.
+        model.prefill_chunk_size = model_prefill_chunk
         speeds = measure_gemm_speeds()
         for layer in placement.cpu_layers:  # the CPU's share gets the CPU's best GEMM dtype too
             apply_cpu_compute(model.language.model.layers[layer].mlp.experts, speeds)

@@ -298,7 +298,9 @@ class DeepseekVL2ForCausalLM(PreTrainedModel):
             attention_mask = torch.ones(input_ids.shape, dtype=torch.long)
         attention_mask = attention_mask.to(device=device, dtype=torch.long)
         chunk = prefill_chunk_size or self.prefill_chunk_size
-        if chunk and inputs_embeds.shape[1] > chunk:
+        # generate() expands the batch for beams/several sequences but not a cache it is handed.
+        expands = generate_kwargs.get("num_beams", 1) > 1 or generate_kwargs.get("num_return_sequences", 1) > 1
+        if chunk and inputs_embeds.shape[1] > chunk and not expands and "cache" not in generate_kwargs:
             generate_kwargs["cache"] = self.prefill_cache(inputs_embeds, attention_mask, chunk)
         output = self.language.generate(
             input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs

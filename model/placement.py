@@ -31,8 +31,11 @@ ACTIVATION_RESERVE = 768 * MIB
 # DeepSeek-VL2's sequence length: the KV cache is reserved for a full context.
 MAX_CONTEXT_TOKENS = 4096
 # Stored bytes per weight of a bitsandbytes-quantized linear: NF4 with double quantization packs
-# two values a byte plus ≈0.13 bits of statistics; int8 keeps one fp32 scale per row.
-QUANTIZED_BYTES_PER_WEIGHT = {"4bit": 4.13 / 8, "8bit": 1.0}
+# two values a byte, one 8-bit absmax per 64 weights and one fp32 absmax per 256 blocks; int8 is
+# a byte (its fp32 scale per row is left out: < 0.5 %). Plus, per 4-bit tensor, its codebooks and
+# packed state (measured: 1,280 bytes).
+QUANTIZED_BYTES_PER_WEIGHT = {"4bit": 0.5 + 1 / 64 + 4 / (64 * 256), "8bit": 1.0}
+QUANTIZED_BYTES_PER_TENSOR = {"4bit": 1280, "8bit": 0}
 
 _ROUTED_GROUP = re.compile(r"\.layers\.(\d+)\.mlp\.(gate|experts)\.")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(gib|gb|mib|mb|g|m)?\s*$", re.IGNORECASE)
@@ -58,13 +61,21 @@ def routed_group_layer(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _quant_state_bytes(tensor: torch.Tensor) -> int:
+    """bitsandbytes keeps 4-bit block statistics beside the weight, not as parameters (≈3 %)."""
+    state = getattr(tensor, "quant_state", None)
+    if state is None or not hasattr(state, "as_dict"):
+        return 0
+    return sum(v.numel() * v.element_size() for v in state.as_dict(packed=True).values() if torch.is_tensor(v))
+
+
 def model_costs(
     model: nn.Module, quantization: str | None = None, unquantized: tuple[str, ...] = ()
 ) -> tuple[int, dict[int, int]]:
     """``(bytes that must be on the GPU, {moe layer: bytes of its routed group})``.
 
-    Exact for a loaded model. On the meta device (before loading) the size of each linear weight
-    that bitsandbytes will quantize is estimated from ``quantization``.
+    Exact for a loaded model (4-bit statistics included). On the meta device (before loading) the
+    size of each linear weight that bitsandbytes will quantize is estimated from ``quantization``.
     """
     to_quantize = set()
     if quantization is not None:
@@ -78,8 +89,9 @@ def model_costs(
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.device.type == "meta" and name in to_quantize:
             size = tensor.numel() * QUANTIZED_BYTES_PER_WEIGHT[quantization]
+            size += QUANTIZED_BYTES_PER_TENSOR[quantization]
         else:
-            size = tensor.numel() * tensor.element_size()
+            size = tensor.numel() * tensor.element_size() + _quant_state_bytes(tensor)
         layer = routed_group_layer(name)
         if layer is None:
             resident += size
@@ -131,9 +143,11 @@ class Placement:
         )
         if not self.cpu_layers:
             return text + "; everything on the GPU"
+        first, last = self.cpu_layers[0], self.cpu_layers[-1]
+        which = f"layer {first}" if first == last else f"layers {first}–{last}"
         return (
             text + f"; routed experts of {len(self.cpu_layers)}/{len(self.group_bytes)} MoE layers "
-            f"({self.cpu_bytes / GIB:.2f} GiB, layers {self.cpu_layers[0]}–{self.cpu_layers[-1]}) on the CPU"
+            f"({self.cpu_bytes / GIB:.2f} GiB, {which}) on the CPU"
         )
 
 
@@ -201,10 +215,7 @@ def _move_except(module: nn.Module, device: torch.device, keep: set[nn.Module]) 
     if not any(sub in keep for sub in module.modules()):
         module.to(device)
         return
-    for name, param in list(module.named_parameters(recurse=False)):
-        module._parameters[name] = nn.Parameter(param.data.to(device), requires_grad=param.requires_grad)
-    for name, buffer in list(module.named_buffers(recurse=False)):
-        module._buffers[name] = buffer.to(device)
+    module._apply(lambda t: t.to(device), recurse=False)  # its own parameters and buffers only
     for child in module.children():
         _move_except(child, device, keep)
 

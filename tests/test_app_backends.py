@@ -64,3 +64,19 @@ def test_the_app_says_why_when_the_model_is_unavailable(tmp_path):
     updates = list(controller.run_turn(session, turn, GenerationSettings()))
     assert updates[-1].done and "--model DIR" in turn.error
     assert session.turns == [turn]  # the question stays in the conversation
+
+
+def test_the_header_tooltip_says_where_the_parts_are_and_how_the_cpu_computes():
+    from app.backends.local import memory_summary
+    from model.loading import LoadInfo
+
+    info = LoadInfo(
+        model_id="deepseek-ai/deepseek-vl2-small", path="/x", variant="small", device="cuda:0", dtype="torch.bfloat16",
+        quantization="4bit", bytes_by_dtype={"uint8": 7 * 10**9, "bfloat16": 10**9},
+        parts={"routed experts": {"bytes": 7 * 10**9, "dtypes": {"uint8": 7 * 10**9}, "devices": ["cpu", "cuda:0"]}},
+        placement="GPU budget 8.0 GiB: …; routed experts of 9/26 MoE layers (2.41 GiB, layers 1–9) on the CPU",
+    )  # fmt: skip
+    text = memory_summary(info)
+    assert "weights 8.00 GB" in text
+    assert "routed experts: 7.00 GB uint8 on cpu, cuda:0" in text
+    assert text.endswith("layers 1–9) on the CPU")

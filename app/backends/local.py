@@ -20,6 +20,7 @@ def memory_summary(info: LoadInfo) -> str:
     for kind, entry in info.parts.items():
         dtypes = "+".join(entry["dtypes"])
         lines.append(f"{kind}: {entry['bytes'] / 1e9:.2f} GB {dtypes} on {', '.join(entry['devices'])}")
+    lines += [line for line in (info.placement, info.compute) if line]
     return "\n".join(lines)
 
 
