@@ -364,7 +364,14 @@ def load_model(
         speeds = measure_gemm_speeds()
         for layer in placement.cpu_layers:  # the CPU's share gets the CPU's best GEMM dtype too
             apply_cpu_compute(model.language.model.layers[layer].mlp.experts, speeds)
-    compute = apply_cpu_compute(model) if torch.device(device).type == "cpu" else None
+    compute = None
+    if torch.device(device).type == "cpu":
+        compute = apply_cpu_compute(model)
+        # A CPU load leaves weights memory-mapped from the checkpoint. Every other weight is read
+        # whole in the first forwards, but each new token reads one embedding row straight from the
+        # file: 4.2 ms a token against 0.01 ms from memory (measured on full-size Tiny). 0.33 GB.
+        embeddings = model.get_input_embeddings()
+        embeddings.weight.data = embeddings.weight.data.clone()
     summary = summarize(model)
     load_info = LoadInfo(
         model_id=str(model_id_or_path),
