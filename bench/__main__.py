@@ -30,7 +30,6 @@ import torch
 from PIL import Image
 
 from model.cpu_compute import Fp32PrefillLinear
-from model.inspect import summarize
 from model.loading import LoadedModel, load_model
 from model.processing import Message
 from model.testing import make_checkpoint
@@ -111,6 +110,10 @@ def _device(loaded: LoadedModel) -> torch.device:
     return loaded.model.get_input_embeddings().weight.device
 
 
+def _to_device(inputs: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
 def measure(config: Config, image: Image.Image, decode_tokens: int, chunk: int) -> None:
     model, processor = config.loaded.model, config.loaded.processor
     device = _device(config.loaded)
@@ -131,7 +134,7 @@ def measure(config: Config, image: Image.Image, decode_tokens: int, chunk: int) 
 
     with torch.inference_mode():
         inputs = timed("preprocess_s", lambda: processor([Message("user", "<|ref|>the object<|/ref|>.", [image])]))
-        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        inputs = _to_device(inputs, device)
         tiles = inputs["pixel_values"][0, : 1 + int(inputs["images_spatial_crop"][0, 0].prod())]
         timed("vision_s", lambda: model.encode_tiles(tiles), "vision")
         config.record("vision_per_tile_s", config.samples["vision_s"][-1] / tiles.shape[0])
@@ -284,8 +287,7 @@ def main(argv=None) -> int:
     logits = {}
     with torch.inference_mode():
         for config in configs:
-            inputs = config.loaded.processor(probe)
-            inputs = {k: v.to(_device(config.loaded)) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            inputs = _to_device(config.loaded.processor(probe), _device(config.loaded))
             logits[config.name] = config.loaded.model(**inputs).logits[0, -1].float().cpu()
     rows = []
     for config in schedule:
@@ -294,7 +296,7 @@ def main(argv=None) -> int:
         gemm_dtype = prefill_dtype(config.loaded.model)
         prefill_floor = 2 * macs * median["prompt_tokens"] / (floors[f"{gemm_dtype}_gemm_gflops"] * 1e9)
         decode_floor_ms = 1e3 * step_bytes / (floors["memory_read_gb_per_s"] * 1e9)
-        summary = summarize(config.loaded.model)
+        summary = config.loaded.info.weights  # measured at load, after any placement
         rows.append(
             {
                 "config": config.name,

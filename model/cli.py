@@ -135,7 +135,7 @@ def run_plan(args: argparse.Namespace) -> int:
 def run_inspect(args: argparse.Namespace) -> int:
     import torch
 
-    from .inspect import format_table, summarize
+    from .inspect import format_table
     from .loading import UNQUANTIZED_MODULES, gpu_budget_bytes
     from .placement import plan_for_model
 
@@ -145,7 +145,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     if plan_only:
         args.device, args.gpu_memory = "cpu", None
     loaded = _load(args)
-    summary = summarize(loaded.model)
+    summary = loaded.info.weights
     placement = loaded.info.placement
     if plan_only:
         plan = plan_for_model(loaded.model, gpu_budget_bytes(budget, "cpu"), unquantized=tuple(UNQUANTIZED_MODULES))

@@ -72,6 +72,11 @@ class LoadInfo:
     def total_bytes(self) -> int:
         return sum(self.bytes_by_dtype.values())
 
+    @property
+    def weights(self) -> dict:
+        """The load-time walk in ``model.inspect.summarize``'s form (for its table and JSON)."""
+        return {"total_bytes": self.total_bytes, "by_dtype": self.bytes_by_dtype, "by_kind": self.parts}
+
     def summary(self) -> str:
         precision = self.quantization or self.dtype.removeprefix("torch.")
         return f"{self.model_id} · {self.variant} · {precision} · {self.device} · {self.total_bytes / 2**30:.2f} GiB"
@@ -157,8 +162,9 @@ def default_device() -> str:
 def default_dtype(device: str) -> torch.dtype:
     """bf16 (the checkpoints' own dtype); fp16 on GPUs without bf16.
 
-    On CPU fp32 computes faster on AVX2 chips, but loading the bf16 checkpoint into fp32 peaked
-    above 24 GB for full-size Tiny here (killed by the OOM killer), so fp32 is opt-in (--dtype fp32).
+    On the CPU too: half the memory of fp32 (full-size Tiny: 6.7 GB against 13.5 GB), and where
+    bf16 products are slow (AVX2 chips) ``model/cpu_compute.py`` multiplies prefill and vision in
+    fp32 from the bf16 weights. ``--dtype fp32`` stays available.
     """
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -311,7 +317,7 @@ def load_model(
     kwargs = {}
     if quantization:
         kwargs["quantization_config"] = bnb_config(quantization, torch_dtype)
-    placement, load_device, model_prefill_chunk = None, device, None
+    placement, load_device = None, device
     if gpu_memory is not None:
         budget = gpu_budget_bytes(gpu_memory, device)
         try:
@@ -328,7 +334,6 @@ def load_model(
                 )
             # Load (and quantize) on the CPU, then move all but the offloaded experts to the GPU.
             load_device = "cpu"
-            model_prefill_chunk = PLACED_PREFILL_CHUNK
             if quantization:
                 check_bitsandbytes("cpu", quantization)
     try:
@@ -360,7 +365,7 @@ def load_model(
         except (PlacementError, torch.OutOfMemoryError) as exc:
             raise ModelLoadError(f"could not place {model_id_or_path} in the GPU budget: {exc}") from exc
         # The activation reserve assumes prefill in chunks.
-        model.prefill_chunk_size = model_prefill_chunk
+        model.prefill_chunk_size = PLACED_PREFILL_CHUNK
         speeds = measure_gemm_speeds()
         for layer in placement.cpu_layers:  # the CPU's share gets the CPU's best GEMM dtype too
             apply_cpu_compute(model.language.model.layers[layer].mlp.experts, speeds)

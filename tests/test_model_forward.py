@@ -208,19 +208,25 @@ def _gradient_image(width: int, height: int):
     return Image.fromarray(rgb, "RGB")
 
 
-@pytest.mark.parametrize("variant", ["small", "base"])
-def test_absorbed_mla_decode_equals_the_stock_path(variant, loaded_fp32):
-    from model.mla import set_absorbed_mla
+def _left_padded_batch(processor):
+    """Two image prompts of different lengths: the first row is left-padded."""
     from model.processing import Message
 
-    loaded = loaded_fp32[variant]
-    model, processor = loaded.model, loaded.processor
-    batch = processor(
+    return processor(
         [
             [Message("user", "Short <image>", [_gradient_image(160, 200)])],
             [Message("user", "A longer prompt, so the first row is left-padded <image>", [_gradient_image(400, 300)])],
         ]
     )
+
+
+@pytest.mark.parametrize("variant", ["small", "base"])
+def test_absorbed_mla_decode_equals_the_stock_path(variant, loaded_fp32):
+    from model.mla import set_absorbed_mla
+
+    loaded = loaded_fp32[variant]
+    model, processor = loaded.model, loaded.processor
+    batch = _left_padded_batch(processor)
     settings = {"max_new_tokens": 12, "min_new_tokens": 12, "do_sample": False, "pad_token_id": processor.special.pad,
                 "output_logits": True, "return_dict_in_generate": True}  # fmt: skip
     embeds = model.prepare_inputs_embeds(
@@ -257,16 +263,10 @@ def test_vision_tile_batches_do_not_change_the_result(loaded_fp32):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_chunked_prefill_gives_the_same_logits_and_tokens(variant, loaded_fp32):
-    from model.processing import Message
 
     loaded = loaded_fp32[variant]
     model, processor = loaded.model, loaded.processor
-    batch = processor(
-        [
-            [Message("user", "Short <image>", [_gradient_image(160, 200)])],
-            [Message("user", "A longer prompt, so the first row is left-padded <image>", [_gradient_image(400, 300)])],
-        ]
-    )
+    batch = _left_padded_batch(processor)
     prompt_tokens = batch["input_ids"].shape[1]
     assert prompt_tokens > 3 * 64  # several chunks, the last one partial
     mask = batch["attention_mask"].long()
