@@ -10,8 +10,9 @@ RSS of a process never goes down). Timing happens in one process: configurations
 once, then measured in interleaved rounds with the order rotated each round; medians reported,
 with an A/A control (the first configuration measured twice) as the noise floor and CPU time
 beside wall time. Prefill is reported against the GEMM floor of the dtype it multiplies in,
-decode against the bandwidth floor for the bytes a step reads. Random weights: speeds and bytes
-are meaningful, answers are not.
+decode against the bandwidth floor for the bytes a step reads; the floors are measured again in
+every round beside the work, each ratio is taken within its round and the median reported, since a
+shared machine's bandwidth drifts. Random weights: speeds and bytes are meaningful, answers are not.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from model.cpu_compute import Fp32PrefillLinear
+from model.cpu_kernels import CpuLinear
 from model.loading import LoadedModel, load_model
 from model.processing import Message
 from model.testing import make_checkpoint
@@ -46,7 +47,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _rate(work, seconds: float = 0.3) -> float:
+def _rate(work, seconds: float) -> float:
     """Calls per second of ``work`` over about ``seconds`` (after one warm-up call)."""
     work()
     count, start = 0, time.perf_counter()
@@ -56,7 +57,7 @@ def _rate(work, seconds: float = 0.3) -> float:
     return count / elapsed
 
 
-def machine_floors(device: torch.device) -> dict[str, float]:
+def machine_floors(device: torch.device, seconds: float = 0.3) -> dict[str, float]:
     floors = {}
     size = 2048 if device.type == "cpu" else 8192
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -67,14 +68,14 @@ def machine_floors(device: torch.device) -> dict[str, float]:
             torch.nn.functional.linear(a, b)
             _sync(device)
 
-        floors[f"{name}_gemm_gflops"] = round(_rate(gemm) * 2 * size**3 / 1e9, 1)
+        floors[f"{name}_gemm_gflops"] = round(_rate(gemm, seconds) * 2 * size**3 / 1e9, 1)
     source = torch.ones(64 * 2**20 if device.type == "cpu" else 512 * 2**20, device=device)
 
     def read():
         source.sum()
         _sync(device)
 
-    floors["memory_read_gb_per_s"] = round(_rate(read) * source.numel() * 4 / 1e9, 1)
+    floors["memory_read_gb_per_s"] = round(_rate(read, seconds) * source.numel() * 4 / 1e9, 1)
     return floors
 
 
@@ -132,20 +133,39 @@ def measure(config: Config, image: Image.Image, decode_tokens: int, chunk: int) 
                 config.record(f"{peak_key}_cuda_max_allocated_mb", peak.cuda_allocated / MB)
         return result
 
+    # The floors are measured again in every round, next to the work they bound: on a shared
+    # machine memory bandwidth drifts by 1.5-2x within minutes, and a ratio against a floor taken
+    # at another time would measure the drift.
+    floors = machine_floors(device, seconds=0.15)
+    for key, value in floors.items():
+        config.record(f"floor_{key}", value)
+    macs, step_bytes = step_costs(model)
+    gemm_dtype = prefill_dtype(model)
+
     with torch.inference_mode():
         inputs = timed("preprocess_s", lambda: processor([Message("user", "<|ref|>the object<|/ref|>.", [image])]))
         inputs = _to_device(inputs, device)
         tiles = inputs["pixel_values"][0, : 1 + int(inputs["images_spatial_crop"][0, 0].prod())]
         timed("vision_s", lambda: model.encode_tiles(tiles), "vision")
         config.record("vision_per_tile_s", config.samples["vision_s"][-1] / tiles.shape[0])
+        vision_dtype = "fp32" if model.vision.embeddings.patch_embedding.weight.dtype == torch.float32 else "bf16"
+        vision_floor = 2 * vision_macs_per_tile(model) / (floors[f"{vision_dtype}_gemm_gflops"] * 1e9)
+        config.record("vision_vs_gemm_floor", config.samples["vision_per_tile_s"][-1] / vision_floor)
         args = (inputs["input_ids"], inputs["pixel_values"], inputs["images_seq_mask"], inputs["images_spatial_crop"])
         embeds = timed("embeds_s", lambda: model.prepare_inputs_embeds(*args))
         config.record("assembly_s", max(0.0, config.samples["embeds_s"][-1] - config.samples["vision_s"][-1]))
         mask = inputs["attention_mask"].long()
-        out = timed("prefill_s", lambda: model.language(inputs_embeds=embeds, attention_mask=mask, use_cache=True,
-                                                         logits_to_keep=1), "prefill")  # fmt: skip
+
+        def prefill():  # as generate() prefills: into the model's own cache
+            return model.language(
+                inputs_embeds=embeds, attention_mask=mask, cache=model.new_cache(), use_cache=True, logits_to_keep=1
+            )
+
+        out = timed("prefill_s", prefill, "prefill")
         timed(f"prefill_chunk{chunk}_s", lambda: model.prefill_cache(embeds, mask, chunk), f"prefill_chunk{chunk}")
         config.record("prompt_tokens", embeds.shape[1])
+        prefill_floor = 2 * macs * embeds.shape[1] / (floors[f"{gemm_dtype}_gemm_gflops"] * 1e9)
+        config.record("prefill_vs_gemm_floor", config.samples["prefill_s"][-1] / prefill_floor)
         cache, token = out.cache, out.logits[:, -1:].argmax(-1)
         steps = []
         for _ in range(decode_tokens):  # a fixed length: random weights would stop at arbitrary eos
@@ -155,6 +175,8 @@ def measure(config: Config, image: Image.Image, decode_tokens: int, chunk: int) 
             _sync(device)
             steps.append(time.perf_counter() - start)
         config.record("decode_ms_per_token", 1e3 * statistics.median(steps[2:] or steps))
+        decode_floor_ms = 1e3 * step_bytes / (floors["memory_read_gb_per_s"] * 1e9)
+        config.record("decode_vs_bandwidth_floor", config.samples["decode_ms_per_token"][-1] / decode_floor_ms)
     config.record("cpu_over_wall", (time.process_time() - cpu) / (time.perf_counter() - wall))
 
 
@@ -177,9 +199,24 @@ def step_costs(model: torch.nn.Module) -> tuple[float, float]:
     return macs, step_bytes
 
 
+def vision_macs_per_tile(model: torch.nn.Module) -> float:
+    """Multiply-adds of one tile through the vision tower (patch embedding, linears, attention
+    scores and their weighted sums) and the projector (on the downsampled tokens)."""
+    vision = model.config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    macs = 2.0 * patches**2 * vision.hidden_size * vision.num_hidden_layers
+    for module in model.vision.modules():
+        if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
+            macs += module.weight.numel() * patches
+    for module in model.projector.modules():
+        if isinstance(module, torch.nn.Linear):
+            macs += module.weight.numel() * model.tokens_per_tile_side**2
+    return macs
+
+
 def prefill_dtype(model: torch.nn.Module) -> str:
     """The dtype the language model's big products run in."""
-    if any(isinstance(m, Fp32PrefillLinear) for m in model.language.modules()):
+    if any(isinstance(m, CpuLinear) and m.fp32_from_rows for m in model.language.modules()):
         return "fp32"
     return "fp32" if model.get_input_embeddings().weight.dtype == torch.float32 else "bf16"
 
@@ -294,8 +331,9 @@ def main(argv=None) -> int:
         median = {key: statistics.median(values) for key, values in config.samples.items()}
         macs, step_bytes = step_costs(config.loaded.model)
         gemm_dtype = prefill_dtype(config.loaded.model)
-        prefill_floor = 2 * macs * median["prompt_tokens"] / (floors[f"{gemm_dtype}_gemm_gflops"] * 1e9)
-        decode_floor_ms = 1e3 * step_bytes / (floors["memory_read_gb_per_s"] * 1e9)
+        gemm_floor = median[f"floor_{gemm_dtype}_gemm_gflops"] * 1e9
+        prefill_floor = 2 * macs * median["prompt_tokens"] / gemm_floor
+        decode_floor_ms = 1e3 * step_bytes / (median["floor_memory_read_gb_per_s"] * 1e9)
         summary = config.loaded.info.weights  # measured at load, after any placement
         rows.append(
             {
@@ -311,14 +349,13 @@ def main(argv=None) -> int:
                 **{key: round(value, 4) for key, value in median.items()},
                 "prefill_gemm_dtype": gemm_dtype,
                 "prefill_floor_s": round(prefill_floor, 3),
-                "prefill_vs_gemm_floor": round(median["prefill_s"] / prefill_floor, 2),
                 "decode_floor_ms": round(decode_floor_ms, 2),
-                "decode_vs_bandwidth_floor": round(median["decode_ms_per_token"] / decode_floor_ms, 2),
                 **dict(zip(("logit_error", "logit_error_vs"), logit_error(logits, config.name) or (), strict=False)),
+                "samples": {key: [round(value, 5) for value in values] for key, values in config.samples.items()},
             }
         )
-    header = ["config", "weights_gb", "peak_anon_gb", "load_s", "vision_per_tile_s", "prefill_s",
-              "prefill_vs_gemm_floor", "prefill_peak_mb", f"prefill_chunk{args.prefill_chunk}_peak_mb",
+    header = ["config", "weights_gb", "peak_anon_gb", "load_s", "vision_per_tile_s", "vision_vs_gemm_floor",
+              "prefill_s", "prefill_vs_gemm_floor", "prefill_peak_mb", f"prefill_chunk{args.prefill_chunk}_peak_mb",
               "decode_ms_per_token", "decode_vs_bandwidth_floor", "logit_error", "logit_error_vs",
               "cpu_over_wall"]  # fmt: skip
     print(" | ".join(header))

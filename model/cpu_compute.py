@@ -12,7 +12,8 @@ load we time one prefill-shaped GEMM in both dtypes and, where bf16 loses:
 * bitsandbytes 4-bit layers switch their compute dtype the same way;
 * the vision tower, which only ever sees many rows, is stored in fp32 (0.8 GB more for SigLIP).
 
-Activations and the KV cache stay in the weights' dtype, so both phases share one cache.
+Activations and the KV cache stay in the weights' dtype, so both phases share one cache. Decode
+steps get compiled one-row kernels on any CPU (``model/cpu_kernels.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .cpu_kernels import CpuLinear, as_cpu_linear, decode_kernels, use_decode_kernels
 
 # Below this many rows a product is memory bound and bf16 (fewer bytes) wins on any CPU.
 MIN_ROWS_FOR_FP32 = 16
@@ -55,17 +58,6 @@ def measure_gemm_speeds(rows: int = 256, size: int = 1024, seconds: float = 0.15
     return GemmSpeeds(fp32_gflops=speeds[torch.float32], bf16_gflops=speeds[torch.bfloat16])
 
 
-class Fp32PrefillLinear(nn.Linear):
-    """An ``nn.Linear`` holding bf16/fp16 weights that multiplies in fp32 when given many rows."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if rows < MIN_ROWS_FOR_FP32 or self.weight.dtype == torch.float32:
-            return F.linear(x, self.weight, self.bias)
-        bias = None if self.bias is None else self.bias.float()
-        return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
-
-
 def _pick_4bit_compute_dtype(module: nn.Module, args: tuple) -> None:
     # One generation at a time runs per model (the app's lane), so flipping an attribute is safe.
     x = args[0]
@@ -78,10 +70,11 @@ def use_fp32_for_many_rows(language_model: nn.Module) -> int:
     prefill-sized inputs and in bf16 for decode. Returns the number of layers changed."""
     changed = 0
     for module in language_model.modules():
-        if type(module) is nn.Linear and module.weight.dtype in (torch.bfloat16, torch.float16):
-            # Same parameters, same names: only the forward differs.
-            module.__class__ = Fp32PrefillLinear
-            changed += 1
+        if isinstance(module, nn.Linear) and module.weight.dtype in (torch.bfloat16, torch.float16):
+            linear = as_cpu_linear(module)  # same parameters, same names: only the forward differs
+            if linear is not None:
+                linear.fp32_from_rows = MIN_ROWS_FOR_FP32
+                changed += 1
         elif type(module).__name__ == "Linear4bit" and module.weight.device.type == "cpu":
             module.decode_compute_dtype = module.compute_dtype or torch.bfloat16
             module.compute_type_is_set = True  # our hook chooses; bitsandbytes' first-call guess is not needed
@@ -92,38 +85,54 @@ def use_fp32_for_many_rows(language_model: nn.Module) -> int:
 
 @dataclass(frozen=True)
 class CpuComputePlan:
-    speeds: GemmSpeeds
+    speeds: GemmSpeeds | None  # None for fp32 models: nothing to choose
     fp32_for_many_rows: bool
+    decode: str  # which kernels decode steps use (model/cpu_kernels.py)
 
     def describe(self) -> str:
-        choice = "fp32 for prefill and vision, bf16 for decode" if self.fp32_for_many_rows else "bf16 throughout"
-        return (
-            f"CPU GEMM: bf16 {self.speeds.bf16_gflops:.0f} GFLOP/s, fp32 {self.speeds.fp32_gflops:.0f} GFLOP/s "
-            f"→ {choice}"
-        )
+        if self.speeds is None:
+            gemm = "CPU GEMM: fp32 throughout"
+        else:
+            choice = "fp32 for prefill and vision, bf16 for decode" if self.fp32_for_many_rows else "bf16 throughout"
+            gemm = (
+                f"CPU GEMM: bf16 {self.speeds.bf16_gflops:.0f} GFLOP/s, fp32 {self.speeds.fp32_gflops:.0f} GFLOP/s "
+                f"→ {choice}"
+            )
+        return f"{gemm}; decode: {self.decode}"
+
+
+def _is_low_precision(model: nn.Module) -> bool:
+    return any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()) or any(
+        type(m).__name__ == "Linear4bit" for m in model.modules()
+    )
 
 
 def apply_cpu_compute(model: nn.Module, speeds: GemmSpeeds | None = None) -> CpuComputePlan | None:
-    """Choose per-phase compute for a bf16 model on the CPU; ``None`` when nothing applies."""
+    """Choose how the CPU computes ``model`` (a whole model, or the CPU's share of a placed one):
+    the GEMM dtype of many-row products for bf16/fp16 weights, and compiled decode kernels.
+    ``None`` when ``model`` is not on the CPU."""
     language = getattr(model, "language", model)
     first = next(language.parameters(), None)
     if first is None or first.device.type != "cpu":
         return None
-    low_precision = any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()) or any(
-        type(m).__name__ == "Linear4bit" for m in model.modules()
-    )
-    if not low_precision:
-        return None
-    speeds = speeds or measure_gemm_speeds()
     choice = os.environ.get(CHOICE_ENV, "auto").lower()
     if choice not in ("auto", "bf16", "fp32"):
         raise ValueError(f"{CHOICE_ENV}={choice!r}: use auto, bf16 or fp32")
-    fp32 = speeds.bf16_is_slow if choice == "auto" else choice == "fp32"
-    plan = CpuComputePlan(speeds=speeds, fp32_for_many_rows=fp32)
-    if plan.fp32_for_many_rows:
+    fp32 = False
+    if _is_low_precision(model):
+        speeds = speeds or measure_gemm_speeds()
+        fp32 = speeds.bf16_is_slow if choice == "auto" else choice == "fp32"
+    else:
+        speeds = None
+    if fp32:
         use_fp32_for_many_rows(language)
         for part in ("vision", "projector"):
             module = getattr(model, part, None)
             if module is not None:
                 module.float()
-    return plan
+    # Full-precision linears only: bitsandbytes' layers subclass nn.Linear but hold packed bytes.
+    dtypes = {m.weight.dtype for m in language.modules() if type(m) in (nn.Linear, CpuLinear)}
+    kernels, decode = decode_kernels(dtypes) if dtypes else (None, "bitsandbytes' kernels")
+    if kernels is not None:
+        use_decode_kernels(language, kernels)
+    return CpuComputePlan(speeds=speeds, fp32_for_many_rows=fp32, decode=decode)

@@ -35,13 +35,23 @@ class ExpertMLP(nn.Module):
 class RoutedExperts(nn.ModuleList):
     """Drop-in for transformers' packed experts: same call ``(hidden, top_k_index, top_k_weights)``."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str) -> None:
+    def __init__(
+        self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str, num_experts_per_tok: int
+    ) -> None:
         super().__init__(ExpertMLP(hidden_size, intermediate_size, hidden_act) for _ in range(num_experts))
+        self.num_experts_per_tok = num_experts_per_tok
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         # The official model mixes expert outputs in fp32 (its routing weights are fp32); so do we.
+        if hidden_states.shape[0] == 1:  # a decode step: just the chosen experts, nothing to sort
+            weights = top_k_weights[0].float()
+            mixed = None
+            for slot, expert_id in enumerate(top_k_index[0].tolist()):
+                out = self[expert_id](hidden_states).float() * weights[slot]
+                mixed = out if mixed is None else mixed + out
+            return mixed.to(hidden_states.dtype)
         mixed = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
         flat_experts = top_k_index.reshape(-1)
         token_of_slot = torch.arange(hidden_states.shape[0], device=hidden_states.device).repeat_interleave(
@@ -78,6 +88,7 @@ def install_routed_experts(language_model: nn.Module, text_config) -> int:
             text_config.hidden_size,
             text_config.moe_intermediate_size,
             text_config.hidden_act,
+            text_config.num_experts_per_tok,
         )
         converted += 1
     return converted

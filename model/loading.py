@@ -262,6 +262,11 @@ def gpu_budget_bytes(gpu_memory: str | int, device: str) -> int:
     if isinstance(gpu_memory, int):
         return gpu_memory
     if str(gpu_memory).lower() == "auto":
+        if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+            raise ModelLoadError(
+                "--gpu-memory auto reads the free memory of a CUDA card, and there is none here; "
+                "give a size instead, e.g. --gpu-memory 8GiB"
+            )
         free, _total = torch.cuda.mem_get_info(torch.device(device))
         return int(free)
     try:

@@ -14,11 +14,12 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Cache, DynamicCache, PreTrainedModel, SiglipVisionModel
+from transformers import Cache, PreTrainedModel, SiglipVisionModel
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import Chunk, ConversionOps, WeightConverter, WeightRenaming
 
 from .configuration import DeepseekVL2Config
+from .kv_cache import growing_cache
 from .language import build_language_model
 
 
@@ -255,13 +256,17 @@ class DeepseekVL2ForCausalLM(PreTrainedModel):
     # dense MLP) for a few percent of speed; the official code calls this incremental prefilling.
     prefill_chunk_size: int | None = None
 
+    def new_cache(self) -> Cache:
+        """An empty key/value cache for the language model, growing in place (``model/kv_cache.py``)."""
+        return growing_cache(self.language.config, getattr(self.language, "cache_values_dim_major", False))
+
     def prefill_cache(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, chunk_size: int) -> Cache:
         """Run all prompt tokens but the last through the language model in chunks; return the cache.
 
         ``generate`` then starts from this cache and computes only the last token itself. Positions
         follow the attention mask, as ``generate`` numbers them (left padding starts at 0).
         """
-        cache = DynamicCache(config=self.language.config)
+        cache = self.new_cache()
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         upto = inputs_embeds.shape[1] - 1
         for start in range(0, upto, chunk_size):
@@ -300,8 +305,11 @@ class DeepseekVL2ForCausalLM(PreTrainedModel):
         chunk = prefill_chunk_size or self.prefill_chunk_size
         # generate() expands the batch for beams/several sequences but not a cache it is handed.
         expands = generate_kwargs.get("num_beams", 1) > 1 or generate_kwargs.get("num_return_sequences", 1) > 1
-        if chunk and inputs_embeds.shape[1] > chunk and not expands and "cache" not in generate_kwargs:
-            generate_kwargs["cache"] = self.prefill_cache(inputs_embeds, attention_mask, chunk)
+        if not expands and "cache" not in generate_kwargs:
+            if chunk and inputs_embeds.shape[1] > chunk:
+                generate_kwargs["cache"] = self.prefill_cache(inputs_embeds, attention_mask, chunk)
+            else:
+                generate_kwargs["cache"] = self.new_cache()
         output = self.language.generate(
             input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
         )

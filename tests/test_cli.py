@@ -129,3 +129,5 @@ def test_inspect_plans_a_gpu_budget_without_a_gpu(checkpoints):
     assert "everything on the GPU" in summary["placement"]  # the small test checkpoint fits
     refused = run_cli("inspect", "--model", str(checkpoints["small"]), "--gpu-memory", "1GiB")
     assert refused.returncode == 2 and "cannot hold the parts that must stay on the GPU" in refused.stderr
+    no_card = run_cli("inspect", "--model", str(checkpoints["small"]), "--gpu-memory", "auto")
+    assert no_card.returncode == 2 and "give a size instead, e.g. --gpu-memory 8GiB" in no_card.stderr

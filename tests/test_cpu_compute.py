@@ -9,12 +9,12 @@ from torch import nn
 
 from model.cpu_compute import (
     MIN_ROWS_FOR_FP32,
-    Fp32PrefillLinear,
     GemmSpeeds,
     apply_cpu_compute,
     measure_gemm_speeds,
     use_fp32_for_many_rows,
 )
+from model.cpu_kernels import CpuLinear
 from model.loading import load_model
 from model.processing import Message
 
@@ -35,7 +35,8 @@ def test_many_rows_multiply_in_fp32_and_few_rows_in_bf16():
     linear = nn.Linear(96, 64).to(torch.bfloat16)
     weight, bias = linear.weight.detach().clone(), linear.bias.detach().clone()
     assert use_fp32_for_many_rows(nn.Sequential(linear)) == 1
-    assert isinstance(linear, Fp32PrefillLinear) and torch.equal(linear.weight, weight)  # same parameters
+    assert isinstance(linear, CpuLinear) and linear.fp32_from_rows == MIN_ROWS_FOR_FP32
+    assert torch.equal(linear.weight, weight)  # same parameters
     many = torch.randn(2, MIN_ROWS_FOR_FP32, 96, dtype=torch.bfloat16)
     few = torch.randn(1, MIN_ROWS_FOR_FP32 - 1, 96, dtype=torch.bfloat16)
     with torch.no_grad():
@@ -60,7 +61,7 @@ def test_on_a_slow_bf16_cpu_prefill_and_vision_run_in_fp32_and_stay_close(checkp
     assert model.vision.embeddings.patch_embedding.weight.dtype == torch.float32
     assert model.projector.layers[0].weight.dtype == torch.float32
     linears = [m for m in model.language.modules() if isinstance(m, nn.Linear)]
-    assert linears and all(isinstance(m, Fp32PrefillLinear) for m in linears)
+    assert linears and all(isinstance(m, CpuLinear) and m.fp32_from_rows for m in linears)
     assert all(m.weight.dtype == torch.bfloat16 for m in linears)  # storage stays bf16
     inputs = _inputs(loaded.processor)
     with torch.no_grad():
@@ -79,7 +80,7 @@ def test_on_a_fast_bf16_cpu_nothing_changes(checkpoints, monkeypatch):
     loaded = load_model(checkpoints["tiny"], device="cpu", dtype="bf16")
     plan = apply_cpu_compute(loaded.model, FAST_BF16)
     assert plan is not None and not plan.fp32_for_many_rows and "bf16 throughout" in plan.describe()
-    assert not any(isinstance(m, Fp32PrefillLinear) for m in loaded.model.modules())
+    assert not any(getattr(m, "fp32_from_rows", None) for m in loaded.model.modules())
     assert loaded.model.vision.embeddings.patch_embedding.weight.dtype == torch.bfloat16
 
 
@@ -91,7 +92,9 @@ def test_the_loader_records_its_choice(checkpoints, monkeypatch):
     monkeypatch.setenv("VL2_CPU_GEMM", "fast")
     with pytest.raises(ValueError, match="auto, bf16 or fp32"):
         load_model(checkpoints["tiny"], device="cpu", dtype="bf16")
-    assert load_model(checkpoints["tiny"], device="cpu", dtype="fp32").info.compute == ""  # nothing to choose
+    monkeypatch.setenv("VL2_CPU_GEMM", "auto")
+    fp32 = load_model(checkpoints["tiny"], device="cpu", dtype="fp32").info.compute
+    assert fp32.startswith("CPU GEMM: fp32 throughout; decode:")  # nothing to choose
 
 
 def test_four_bit_layers_switch_compute_dtype_by_rows(checkpoints, monkeypatch):

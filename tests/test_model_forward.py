@@ -109,6 +109,19 @@ def test_routing_matches_official(variant, loaded_fp32):
         assert bool((sums < 1).all())
 
 
+def test_a_single_token_through_the_routed_experts_equals_the_same_token_in_a_batch(loaded_fp32):
+    experts = loaded_fp32["tiny"].model.language.model.layers[1].mlp.experts
+    torch.manual_seed(0)
+    hidden = torch.randn(5, experts[0].gate_proj.in_features)
+    top_k_index = torch.stack([torch.randperm(len(experts))[:3] for _ in range(5)])
+    top_k_weights = torch.rand(5, 3)
+    with torch.no_grad():
+        batched = experts(hidden, top_k_index, top_k_weights)  # sorted by expert, mixed with index_add
+        rows = [slice(i, i + 1) for i in range(5)]
+        single = torch.cat([experts(hidden[r], top_k_index[r], top_k_weights[r]) for r in rows])
+    torch.testing.assert_close(single, batched, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_cached_decoding_equals_uncached_forward(variant, loaded_fp32):
     from model.processing import Message

@@ -1,0 +1,86 @@
+"""A key/value cache that grows in place.
+
+transformers' ``DynamicLayer`` appends each step's keys and values with ``torch.cat``, copying the
+whole cache to a new allocation every step. On the CPU that copy is slow: with a 1,433-token
+prompt, the 24 concatenations of a Tiny decode step took 5–45 ms (fresh pages for each new
+tensor), as long as the rest of the step. :class:`GrowingLayer` keeps the cache in a buffer with
+spare room and writes each step into it; only when the room runs out does it copy, to a buffer a
+quarter larger, so copies are rare and their cost is spread over many steps.
+
+The tensors it returns are views of the buffer, so everything that reads ``keys``/``values``
+(attention, ``crop``, beam reordering) works unchanged; a layer whose tensors were replaced by
+such an operation simply starts a new buffer on its next update.
+
+Optionally the values are stored dimension-major (``[..., head_dim, tokens]``) and handed out as
+a transposed view. The CPU decode attention (``model/cpu_kernels.py``) sums values over tokens;
+reading them along the contiguous axis takes 0.35 ms a layer at 1,440 tokens instead of 0.74.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+MIN_SPARE_TOKENS = 256
+
+
+def _new_buffer(like: torch.Tensor, capacity: int, dim_major: bool) -> torch.Tensor:
+    lead, dim = like.shape[:-2], like.shape[-1]
+    return like.new_empty((*lead, dim, capacity) if dim_major else (*lead, capacity, dim))
+
+
+def _first_tokens(buffer: torch.Tensor, count: int, dim_major: bool) -> torch.Tensor:
+    """The buffer's first ``count`` tokens as a ``[..., count, head_dim]`` view."""
+    return buffer[..., :count].transpose(-1, -2) if dim_major else buffer[..., :count, :]
+
+
+class GrowingLayer(DynamicLayer):
+    def __init__(self, values_dim_major: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.values_dim_major = values_dim_major
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
+
+    def _fits(self, length: int, needed: int) -> bool:
+        buffer = self._key_buffer
+        if buffer is None or buffer.shape[-2] < needed or buffer.shape[:-2] != self.keys.shape[:-2]:
+            return False
+        # Another operation (beam reordering, batch selection) replaced our view: start again.
+        return length == 0 or buffer.data_ptr() == self.keys.data_ptr()
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self._key_buffer = self._value_buffer = None
+        length = self.keys.shape[-2] if self.keys.dim() == key_states.dim() else 0
+        needed = length + key_states.shape[-2]
+        if not self._fits(length, needed):
+            capacity = needed + max(MIN_SPARE_TOKENS, needed // 4)
+            keys = _new_buffer(key_states, capacity, dim_major=False)
+            values = _new_buffer(value_states, capacity, dim_major=self.values_dim_major)
+            if length:
+                _first_tokens(keys, length, dim_major=False).copy_(self.keys)
+                _first_tokens(values, length, dim_major=self.values_dim_major).copy_(self.values)
+            self._key_buffer, self._value_buffer = keys, values
+        self.keys = _first_tokens(self._key_buffer, needed, dim_major=False)
+        self.values = _first_tokens(self._value_buffer, needed, dim_major=self.values_dim_major)
+        self.keys[..., length:needed, :] = key_states
+        self.values[..., length:needed, :] = value_states
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        self._key_buffer = self._value_buffer = None
+        super().reset()
+
+
+def growing_cache(config, values_dim_major: bool = False) -> DynamicCache:
+    """A ``DynamicCache`` for ``config`` whose full-attention layers grow in place."""
+    cache = DynamicCache(config=config)
+    cache.layers = [
+        GrowingLayer(values_dim_major=values_dim_major) if type(layer) is DynamicLayer else layer
+        for layer in cache.layers
+    ]
+    return cache
