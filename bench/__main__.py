@@ -79,12 +79,42 @@ def machine_floors(device: torch.device, seconds: float = 0.3) -> dict[str, floa
     return floors
 
 
+@dataclass(frozen=True)
+class Costs:
+    """What a configuration's phases must at least do, to compare against the machine's floors."""
+
+    prefill_macs_per_token: float
+    decode_step_bytes: float
+    prefill_dtype: str
+    vision_macs_per_tile: float
+    vision_dtype: str
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> Costs:
+        macs, step_bytes = step_costs(model)
+        vision_dtype = "fp32" if model.vision.embeddings.patch_embedding.weight.dtype == torch.float32 else "bf16"
+        return cls(macs, step_bytes, prefill_dtype(model), vision_macs_per_tile(model), vision_dtype)
+
+    def prefill_floor_s(self, tokens: float, floors: dict[str, float]) -> float:
+        return 2 * self.prefill_macs_per_token * tokens / (floors[f"{self.prefill_dtype}_gemm_gflops"] * 1e9)
+
+    def vision_floor_s(self, floors: dict[str, float]) -> float:
+        return 2 * self.vision_macs_per_tile / (floors[f"{self.vision_dtype}_gemm_gflops"] * 1e9)
+
+    def decode_floor_ms(self, floors: dict[str, float]) -> float:
+        return 1e3 * self.decode_step_bytes / (floors["memory_read_gb_per_s"] * 1e9)
+
+
 @dataclass
 class Config:
     name: str
     loaded: LoadedModel
     load_seconds: float
     samples: dict[str, list[float]] = field(default_factory=dict)
+    costs: Costs = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.costs = Costs.of(self.loaded.model)
 
     def record(self, key: str, value: float) -> None:
         self.samples.setdefault(key, []).append(value)
@@ -139,8 +169,6 @@ def measure(config: Config, image: Image.Image, decode_tokens: int, chunk: int) 
     floors = machine_floors(device, seconds=0.15)
     for key, value in floors.items():
         config.record(f"floor_{key}", value)
-    macs, step_bytes = step_costs(model)
-    gemm_dtype = prefill_dtype(model)
 
     with torch.inference_mode():
         inputs = timed("preprocess_s", lambda: processor([Message("user", "<|ref|>the object<|/ref|>.", [image])]))
@@ -148,8 +176,7 @@ def measure(config: Config, image: Image.Image, decode_tokens: int, chunk: int) 
         tiles = inputs["pixel_values"][0, : 1 + int(inputs["images_spatial_crop"][0, 0].prod())]
         timed("vision_s", lambda: model.encode_tiles(tiles), "vision")
         config.record("vision_per_tile_s", config.samples["vision_s"][-1] / tiles.shape[0])
-        vision_dtype = "fp32" if model.vision.embeddings.patch_embedding.weight.dtype == torch.float32 else "bf16"
-        vision_floor = 2 * vision_macs_per_tile(model) / (floors[f"{vision_dtype}_gemm_gflops"] * 1e9)
+        vision_floor = config.costs.vision_floor_s(floors)
         config.record("vision_vs_gemm_floor", config.samples["vision_per_tile_s"][-1] / vision_floor)
         args = (inputs["input_ids"], inputs["pixel_values"], inputs["images_seq_mask"], inputs["images_spatial_crop"])
         embeds = timed("embeds_s", lambda: model.prepare_inputs_embeds(*args))
@@ -164,7 +191,7 @@ def measure(config: Config, image: Image.Image, decode_tokens: int, chunk: int) 
         out = timed("prefill_s", prefill, "prefill")
         timed(f"prefill_chunk{chunk}_s", lambda: model.prefill_cache(embeds, mask, chunk), f"prefill_chunk{chunk}")
         config.record("prompt_tokens", embeds.shape[1])
-        prefill_floor = 2 * macs * embeds.shape[1] / (floors[f"{gemm_dtype}_gemm_gflops"] * 1e9)
+        prefill_floor = config.costs.prefill_floor_s(embeds.shape[1], floors)
         config.record("prefill_vs_gemm_floor", config.samples["prefill_s"][-1] / prefill_floor)
         cache, token = out.cache, out.logits[:, -1:].argmax(-1)
         steps = []
@@ -175,7 +202,7 @@ def measure(config: Config, image: Image.Image, decode_tokens: int, chunk: int) 
             _sync(device)
             steps.append(time.perf_counter() - start)
         config.record("decode_ms_per_token", 1e3 * statistics.median(steps[2:] or steps))
-        decode_floor_ms = 1e3 * step_bytes / (floors["memory_read_gb_per_s"] * 1e9)
+        decode_floor_ms = config.costs.decode_floor_ms(floors)
         config.record("decode_vs_bandwidth_floor", config.samples["decode_ms_per_token"][-1] / decode_floor_ms)
     config.record("cpu_over_wall", (time.process_time() - cpu) / (time.perf_counter() - wall))
 
@@ -329,11 +356,7 @@ def main(argv=None) -> int:
     rows = []
     for config in schedule:
         median = {key: statistics.median(values) for key, values in config.samples.items()}
-        macs, step_bytes = step_costs(config.loaded.model)
-        gemm_dtype = prefill_dtype(config.loaded.model)
-        gemm_floor = median[f"floor_{gemm_dtype}_gemm_gflops"] * 1e9
-        prefill_floor = 2 * macs * median["prompt_tokens"] / gemm_floor
-        decode_floor_ms = 1e3 * step_bytes / (median["floor_memory_read_gb_per_s"] * 1e9)
+        median_floors = {key.removeprefix("floor_"): value for key, value in median.items() if key.startswith("floor_")}
         summary = config.loaded.info.weights  # measured at load, after any placement
         rows.append(
             {
@@ -347,9 +370,9 @@ def main(argv=None) -> int:
                 "load_s": round(config.load_seconds, 2),
                 **memory.get(config.name.removesuffix(" (A/A)"), {}),
                 **{key: round(value, 4) for key, value in median.items()},
-                "prefill_gemm_dtype": gemm_dtype,
-                "prefill_floor_s": round(prefill_floor, 3),
-                "decode_floor_ms": round(decode_floor_ms, 2),
+                "prefill_gemm_dtype": config.costs.prefill_dtype,
+                "prefill_floor_s": round(config.costs.prefill_floor_s(median["prompt_tokens"], median_floors), 3),
+                "decode_floor_ms": round(config.costs.decode_floor_ms(median_floors), 2),
                 **dict(zip(("logit_error", "logit_error_vs"), logit_error(logits, config.name) or (), strict=False)),
                 "samples": {key: [round(value, 5) for value in values] for key, values in config.samples.items()},
             }

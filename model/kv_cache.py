@@ -54,7 +54,6 @@ class GrowingLayer(DynamicLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-            self._key_buffer = self._value_buffer = None
         length = self.keys.shape[-2] if self.keys.dim() == key_states.dim() else 0
         needed = length + key_states.shape[-2]
         if not self._fits(length, needed):

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .configuration import ConfigError, load_official_config, variant_name
-from .cpu_compute import apply_cpu_compute, measure_gemm_speeds
+from .cpu_compute import apply_cpu_compute
 from .experts import RoutedExperts
 from .inspect import summarize
 from .modeling import DeepseekVL2ForCausalLM
@@ -371,9 +371,9 @@ def load_model(
             raise ModelLoadError(f"could not place {model_id_or_path} in the GPU budget: {exc}") from exc
         # The activation reserve assumes prefill in chunks.
         model.prefill_chunk_size = PLACED_PREFILL_CHUNK
-        speeds = measure_gemm_speeds()
-        for layer in placement.cpu_layers:  # the CPU's share gets the CPU's best GEMM dtype too
-            apply_cpu_compute(model.language.model.layers[layer].mlp.experts, speeds)
+        # The CPU's share gets the CPU's GEMM dtype and decode kernels too, chosen once for all of it.
+        layers = model.language.model.layers
+        apply_cpu_compute(nn.ModuleList(layers[layer].mlp.experts for layer in placement.cpu_layers))
     compute = None
     if torch.device(device).type == "cpu":
         compute = apply_cpu_compute(model)

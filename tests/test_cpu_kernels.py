@@ -176,7 +176,8 @@ def test_the_cpu_share_of_a_4bit_model_keeps_bitsandbytes_kernels(checkpoints):
 
     loaded = load_model(checkpoints["tiny"], device="cpu", dtype="bf16", quantization="4bit")
     assert "decode: compiled one-row kernels" in loaded.info.compute  # attention and lm_head stay bf16
-    experts = loaded.model.language.model.layers[1].mlp.experts  # what a GPU placement leaves on the CPU
-    plan = apply_cpu_compute(experts)
+    layers = loaded.model.language.model.layers
+    cpu_share = torch.nn.ModuleList(layers[i].mlp.experts for i in (1, 2))  # as load_model passes a placement's
+    plan = apply_cpu_compute(cpu_share)
     assert plan is not None and plan.decode == "bitsandbytes' kernels"
     assert cpu_kernels._failure is None  # packed 4-bit bytes were not mistaken for a weight dtype
