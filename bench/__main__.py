@@ -10,7 +10,7 @@ RSS of a process never goes down). Timing happens in one process: configurations
 once, then measured in interleaved rounds with the order rotated each round; medians reported,
 with an A/A control (the first configuration measured twice) as the noise floor and CPU time
 beside wall time. Prefill is reported against the GEMM floor of the dtype it multiplies in,
-decode against the bandwidth floor for the bytes a step reads; the floors are measured again in
+decode against the bandwidth floor for the bytes a step reads (weights and cache); the floors are measured again in
 every round beside the work, each ratio is taken within its round and the median reported, since a
 shared machine's bandwidth drifts. Random weights: speeds and bytes are meaningful, answers are not.
 """
@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,8 +102,9 @@ class Costs:
     def vision_floor_s(self, floors: dict[str, float]) -> float:
         return 2 * self.vision_macs_per_tile / (floors[f"{self.vision_dtype}_gemm_gflops"] * 1e9)
 
-    def decode_floor_ms(self, floors: dict[str, float]) -> float:
-        return 1e3 * self.decode_step_bytes / (floors["memory_read_gb_per_s"] * 1e9)
+    def decode_floor_ms(self, floors: dict[str, float], cache_bytes: float) -> float:
+        """Reading the step's weights and the keys and values it attends over, at the read floor."""
+        return 1e3 * (self.decode_step_bytes + cache_bytes) / (floors["memory_read_gb_per_s"] * 1e9)
 
 
 @dataclass
@@ -110,6 +112,9 @@ class Config:
     name: str
     loaded: LoadedModel
     load_seconds: float
+    # False: decode through the per-module kernels instead of the whole-step decoder (a paired
+    # control for model/cpu_decode.py, measured from the same loaded model).
+    whole_step_decode: bool = True
     samples: dict[str, list[float]] = field(default_factory=dict)
     costs: Costs = field(init=False)
 
@@ -118,6 +123,25 @@ class Config:
 
     def record(self, key: str, value: float) -> None:
         self.samples.setdefault(key, []).append(value)
+
+    @property
+    def loaded_as(self) -> str:
+        """The name of the configuration whose load this one shares."""
+        return self.name.split(" (")[0]
+
+
+@contextmanager
+def decoder_of(config: Config):
+    """Decode as ``config`` asks: without the whole-step decoder for a per-module control."""
+    language = config.loaded.model.language
+    whole_step = getattr(language, "decode_step", None)
+    if not config.whole_step_decode:
+        language.decode_step = None
+    try:
+        yield
+    finally:
+        if whole_step is not None:
+            language.decode_step = whole_step
 
 
 def build(variant: str, full_size: bool) -> Path:
@@ -194,6 +218,7 @@ def measure(config: Config, image: Image.Image, decode_tokens: int, chunk: int) 
         prefill_floor = config.costs.prefill_floor_s(embeds.shape[1], floors)
         config.record("prefill_vs_gemm_floor", config.samples["prefill_s"][-1] / prefill_floor)
         cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        prompt_cache_bytes = _cache_bytes(cache)
         steps = []
         for _ in range(decode_tokens):  # a fixed length: random weights would stop at arbitrary eos
             start = time.perf_counter()
@@ -202,9 +227,24 @@ def measure(config: Config, image: Image.Image, decode_tokens: int, chunk: int) 
             _sync(device)
             steps.append(time.perf_counter() - start)
         config.record("decode_ms_per_token", 1e3 * statistics.median(steps[2:] or steps))
-        decode_floor_ms = config.costs.decode_floor_ms(floors)
+        # A step also reads the whole cache: count it at the middle of the decoded stretch.
+        cache_bytes = prompt_cache_bytes * (1 + decode_tokens / 2 / embeds.shape[1])
+        config.record("decode_cache_mb", cache_bytes / MB)
+        decode_floor_ms = config.costs.decode_floor_ms(floors, cache_bytes)
         config.record("decode_vs_bandwidth_floor", config.samples["decode_ms_per_token"][-1] / decode_floor_ms)
     config.record("cpu_over_wall", (time.process_time() - cpu) / (time.perf_counter() - wall))
+
+
+def _cache_bytes(cache) -> float:
+    """Bytes of the keys and values (or MLA latents) a cache holds."""
+    return float(
+        sum(
+            tensor.numel() * tensor.element_size()
+            for layer in cache.layers
+            for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None))
+            if isinstance(tensor, torch.Tensor)
+        )
+    )
 
 
 def step_costs(model: torch.nn.Module) -> tuple[float, float]:
@@ -248,10 +288,21 @@ def prefill_dtype(model: torch.nn.Module) -> str:
     return "fp32" if model.get_input_embeddings().weight.dtype == torch.float32 else "bf16"
 
 
+def paired_decode(config: Config, schedule: list[Config]) -> dict[str, float]:
+    """For a per-module control: its decode time over the whole-step decoder's, round by round
+    (both measured in the same round, next to each other), median."""
+    if config.whole_step_decode:
+        return {}
+    whole = next(c for c in schedule if c.name == config.loaded_as)
+    key = "decode_ms_per_token"
+    ratios = [control / fast for control, fast in zip(config.samples[key], whole.samples[key], strict=True)]
+    return {"decode_per_module_over_whole_step": round(statistics.median(ratios), 3)}
+
+
 def logit_error(logits: dict[str, torch.Tensor], name: str) -> tuple[float, str] | None:
     """Relative L2 error of a configuration's logits against the most precise run of the same variant."""
     variant = name.split("/")[0]
-    own = logits.get(name.removesuffix(" (A/A)"))
+    own = logits.get(name.split(" (")[0])
     for precision in ("fp32", "bf16"):
         reference = logits.get(f"{variant}/{precision}")
         if reference is not None and own is not None:
@@ -316,6 +367,11 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--decode-tokens", type=int, default=None)
     parser.add_argument("--no-isolated-memory", action="store_true", help="skip the one-process-per-config runs")
+    parser.add_argument(
+        "--compare-decoders",
+        action="store_true",
+        help="also decode each CPU Tiny configuration through the per-module kernels (paired control)",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default="bench/results/bench.json")
     args = parser.parse_args(argv)
@@ -341,11 +397,18 @@ def main(argv=None) -> int:
     ]
     control = Config(f"{configs[0].name} (A/A)", configs[0].loaded, configs[0].load_seconds)
     schedule = [*configs, control]
+    if args.compare_decoders:
+        schedule += [
+            Config(f"{c.name} (per-module decode)", c.loaded, c.load_seconds, whole_step_decode=False)
+            for c in configs
+            if getattr(c.loaded.model.language, "decode_step", None) is not None
+        ]
     image = Image.new("RGB", (1024, 768), (120, 140, 160))
     for round_index in range(rounds):
         shift = round_index % len(schedule)
         for config in schedule[shift:] + schedule[:shift]:
-            measure(config, image, args.decode_tokens, args.prefill_chunk)
+            with decoder_of(config):
+                measure(config, image, args.decode_tokens, args.prefill_chunk)
     # Quantization error on the same random weights: last-token logits vs the variant's fp32 run.
     probe = [Message("user", "Describe the picture.", [image.resize((384, 384))])]
     logits = {}
@@ -358,6 +421,7 @@ def main(argv=None) -> int:
         median = {key: statistics.median(values) for key, values in config.samples.items()}
         median_floors = {key.removeprefix("floor_"): value for key, value in median.items() if key.startswith("floor_")}
         summary = config.loaded.info.weights  # measured at load, after any placement
+        cache_mb = median["decode_cache_mb"]
         rows.append(
             {
                 "config": config.name,
@@ -368,18 +432,20 @@ def main(argv=None) -> int:
                 "placement": config.loaded.info.placement,
                 "cpu_compute": config.loaded.info.compute,
                 "load_s": round(config.load_seconds, 2),
-                **memory.get(config.name.removesuffix(" (A/A)"), {}),
+                **memory.get(config.loaded_as, {}),
+                **paired_decode(config, schedule),
                 **{key: round(value, 4) for key, value in median.items()},
                 "prefill_gemm_dtype": config.costs.prefill_dtype,
                 "prefill_floor_s": round(config.costs.prefill_floor_s(median["prompt_tokens"], median_floors), 3),
-                "decode_floor_ms": round(config.costs.decode_floor_ms(median_floors), 2),
+                "decode_floor_ms": round(config.costs.decode_floor_ms(median_floors, cache_mb * MB), 2),
                 **dict(zip(("logit_error", "logit_error_vs"), logit_error(logits, config.name) or (), strict=False)),
                 "samples": {key: [round(value, 5) for value in values] for key, values in config.samples.items()},
             }
         )
     header = ["config", "weights_gb", "peak_anon_gb", "load_s", "vision_per_tile_s", "vision_vs_gemm_floor",
               "prefill_s", "prefill_vs_gemm_floor", "prefill_peak_mb", f"prefill_chunk{args.prefill_chunk}_peak_mb",
-              "decode_ms_per_token", "decode_vs_bandwidth_floor", "logit_error", "logit_error_vs",
+              "decode_ms_per_token", "decode_vs_bandwidth_floor", "decode_per_module_over_whole_step", "logit_error",
+              "logit_error_vs",
               "cpu_over_wall"]  # fmt: skip
     print(" | ".join(header))
     for row in rows:

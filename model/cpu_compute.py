@@ -13,7 +13,8 @@ load we time one prefill-shaped GEMM in both dtypes and, where bf16 loses:
 * the vision tower, which only ever sees many rows, is stored in fp32 (0.8 GB more for SigLIP).
 
 Activations and the KV cache stay in the weights' dtype, so both phases share one cache. Decode
-steps get compiled one-row kernels on any CPU (``model/cpu_kernels.py``).
+steps get compiled one-row kernels on any CPU (``model/cpu_kernels.py``) and, for Tiny, a
+compiled whole-step decoder (``model/cpu_decode.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_decode import use_decode_step
 from .cpu_kernels import CpuLinear, as_cpu_linear, decode_kernels, use_decode_kernels
 
 # Below this many rows a product is memory bound and bf16 (fewer bytes) wins on any CPU.
@@ -135,4 +137,6 @@ def apply_cpu_compute(model: nn.Module, speeds: GemmSpeeds | None = None) -> Cpu
     kernels, decode = decode_kernels(dtypes) if dtypes else (None, "bitsandbytes' kernels")
     if kernels is not None:
         use_decode_kernels(language, kernels)
+        if use_decode_step(language) is None:
+            decode += "; whole steps compiled"
     return CpuComputePlan(speeds=speeds, fp32_for_many_rows=fp32, decode=decode)

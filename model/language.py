@@ -22,6 +22,7 @@ from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (
 )
 
 from .configuration import TextConfig, VL2BaseTextConfig, VL2SmallTextConfig, VL2TinyTextConfig
+from .cpu_decode import TinyDecodeStep
 from .experts import install_routed_experts
 from .mla import install_absorbed_mla
 
@@ -29,6 +30,8 @@ from .mla import install_absorbed_mla
 class VL2TinyForCausalLM(DeepseekOcr2TextPreTrainedModel, GenerationMixin):
     config: VL2TinyTextConfig
     _tied_weights_keys: dict[str, str] = {}
+    # The compiled whole-step decoder on the CPU (model/cpu_decode.py), installed at load.
+    decode_step: TinyDecodeStep | None = None
 
     def __init__(self, config: VL2TinyTextConfig) -> None:
         super().__init__(config)
@@ -48,6 +51,9 @@ class VL2TinyForCausalLM(DeepseekOcr2TextPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        if self.decode_step is not None and self.decode_step.applies(tokens, cache, attention_mask, kwargs):
+            return self.decode_step(input_ids, inputs_embeds, cache, attention_mask, position_ids)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

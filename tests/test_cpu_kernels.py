@@ -131,6 +131,7 @@ def test_a_cpu_load_decodes_with_the_kernels_and_gives_pytorchs_tokens(checkpoin
 def test_single_sequence_decode_steps_use_one_call_per_mlp_and_per_token_experts(checkpoints, kernels):
     loaded = load_model(checkpoints["tiny"], device="cpu", dtype="bf16")
     language = loaded.model.language
+    language.decode_step = None  # the per-module path, as Small and base decode (model/cpu_decode.py)
     counting, calls = _counting(kernels)
     use_decode_kernels(language, counting)
     layers = language.model.layers

@@ -1,0 +1,177 @@
+"""The compiled whole-step CPU decoder (model/cpu_decode.py): the stock decoder's results, used
+exactly for the steps it covers, and never installed when it would not match."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections import Counter
+
+import pytest
+import torch
+
+from model import cpu_decode
+from model.cpu_decode import StepGraphs, use_decode_step
+from model.loading import load_model
+from model.processing import Message
+
+from .test_model_forward import _gradient_image, _left_padded_batch
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+def _assert_as_accurate(fast: torch.Tensor, stock: torch.Tensor, exact: torch.Tensor) -> None:
+    """In fp32 the whole steps equal the stock decoder; in bf16 (where the stages round where the
+    stock decoder does but fuse the arithmetic in between) they are as close to an fp32 run."""
+    if stock.dtype == torch.float32:
+        assert _relative_error(fast, stock) < 1e-5
+        return
+    fast_error, stock_error = _relative_error(fast, exact), _relative_error(stock, exact)
+    assert fast_error < 1.25 * stock_error + 1e-3, f"whole steps {fast_error:.2e}, stock {stock_error:.2e}"
+
+
+def _count_calls(language, monkeypatch) -> Counter:
+    calls: Counter = Counter()
+    graphs = language.decode_step.graphs
+
+    def counted(name):
+        graph = getattr(graphs, name)
+
+        def call(*args):
+            calls[name] += 1
+            return graph(*args)
+
+        return call
+
+    counting = StepGraphs(**{f.name: counted(f.name) for f in dataclasses.fields(graphs)})
+    monkeypatch.setattr(language.decode_step, "graphs", counting)
+    return calls
+
+
+@pytest.fixture(scope="module", params=["fp32", "bf16"])
+def tiny(request, checkpoints):
+    loaded = load_model(checkpoints["tiny"], device="cpu", dtype=request.param)
+    assert loaded.model.language.decode_step is not None, loaded.info.compute
+    assert loaded.info.compute.endswith("decode: compiled one-row kernels; whole steps compiled")
+    return loaded
+
+
+def _decode(language, cache, prompt: torch.Tensor, mask: torch.Tensor, following: torch.Tensor):
+    """Prefill ``prompt`` then decode ``following`` teacher-forced; the logits of each step."""
+    with torch.inference_mode():
+        language(input_ids=prompt, attention_mask=mask, cache=cache, use_cache=True)
+        logits = []
+        for position in range(following.shape[1]):
+            mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], dim=1)
+            token = following[:, position : position + 1]
+            logits.append(language(input_ids=token, attention_mask=mask, cache=cache, use_cache=True).logits)
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_whole_steps_give_the_stock_decoders_logits_and_cache(tiny, padded, monkeypatch):
+    language = tiny.model.language
+    torch.manual_seed(1)
+    prompt, following = torch.randint(10, 500, (1, 9)), torch.randint(10, 500, (1, 6))
+    mask = torch.ones(1, 9, dtype=torch.long)
+    if padded:  # a single sequence may still carry padding: its first two tokens masked out
+        mask[0, :2] = 0
+    caches = {name: tiny.model.new_cache() for name in ("whole steps", "stock", "fp32")}
+    calls = _count_calls(language, monkeypatch)
+    fast = _decode(language, caches["whole steps"], prompt, mask, following)
+    monkeypatch.setattr(language, "decode_step", None)
+    stock = _decode(language, caches["stock"], prompt, mask, following)
+    exact = _decode(copy.deepcopy(language).float(), caches["fp32"], prompt, mask, following)
+
+    assert fast.shape == stock.shape == (1, 6, language.config.vocab_size) and fast.dtype == stock.dtype
+    _assert_as_accurate(fast, stock, exact)
+    for fast_layer, stock_layer, exact_layer in zip(*(c.layers for c in caches.values()), strict=True):
+        _assert_as_accurate(fast_layer.keys, stock_layer.keys, exact_layer.keys)
+        _assert_as_accurate(fast_layer.values, stock_layer.values, exact_layer.values)
+    layers = language.model.layers
+    moe = sum(getattr(layer.mlp, "experts", None) is not None for layer in layers)
+    assert 0 < moe < len(layers)  # both kinds of layer were exercised
+    assert calls == Counter(
+        attention_inputs=6 * len(layers),
+        attention_output=6 * (len(layers) - moe),
+        mlp_output=6 * (len(layers) - moe),
+        attention_output_routed=6 * moe,
+        moe_output=6 * moe,
+        logits=6,
+    )
+
+
+def test_generate_decodes_a_single_image_question_with_whole_steps(tiny, checkpoints, monkeypatch):
+    monkeypatch.setenv("VL2_CPU_KERNELS", "eager")
+    dtype = "fp32" if tiny.model.language.lm_head.weight.dtype == torch.float32 else "bf16"
+    reference = load_model(checkpoints["tiny"], device="cpu", dtype=dtype)
+    assert reference.model.language.decode_step is None
+    inputs = tiny.processor([Message("user", "<image>\n<|ref|>the object<|/ref|>.", [_gradient_image(300, 200)])])
+    settings = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False, "output_logits": True,
+                "return_dict_in_generate": True}  # fmt: skip
+    calls = _count_calls(tiny.model.language, monkeypatch)
+    compiled_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    runs = {}
+    for name, loaded in (("whole steps", tiny), ("eager", reference)):
+        embeds = loaded.model.prepare_inputs_embeds(
+            inputs["input_ids"], inputs["pixel_values"], inputs["images_seq_mask"], inputs["images_spatial_crop"]
+        )
+        with torch.inference_mode():
+            runs[name] = loaded.model.language.generate(
+                inputs_embeds=embeds,
+                attention_mask=inputs["attention_mask"],
+                cache=loaded.model.new_cache(),
+                **settings,
+            )
+    assert calls["logits"] == 7  # the first of the 8 tokens comes from the prompt
+    # Everything was compiled at load: nothing in the middle of an answer.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled_graphs
+    fast, eager = runs["whole steps"], runs["eager"]
+    if dtype == "fp32":  # bf16 random weights have near-ties that rounding may flip
+        assert torch.equal(fast.sequences, eager.sequences)
+        assert max(_relative_error(f, e) for f, e in zip(fast.logits, eager.logits, strict=True)) < 1e-5
+    else:  # the first decoded step's logits, before any near-tie could flip a token
+        assert _relative_error(fast.logits[1], eager.logits[1]) < 2e-2
+
+
+def test_steps_it_does_not_cover_go_through_the_stock_decoder(tiny, monkeypatch):
+    language = tiny.model.language
+    calls = _count_calls(language, monkeypatch)
+    batch = _left_padded_batch(tiny.processor)  # two sequences
+    embeds = tiny.model.prepare_inputs_embeds(
+        batch["input_ids"], batch["pixel_values"], batch["images_seq_mask"], batch["images_spatial_crop"]
+    )
+    with torch.inference_mode():
+        language.generate(
+            inputs_embeds=embeds, attention_mask=batch["attention_mask"], max_new_tokens=3, do_sample=False
+        )
+        out = language(input_ids=torch.tensor([[5, 6]]), cache=tiny.model.new_cache(), use_cache=True)
+        language(input_ids=torch.tensor([[7]]), cache=out.cache, use_cache=True, output_hidden_states=True)
+    with torch.no_grad():  # outside inference_mode (training code, gradients): the stock path
+        out = language(input_ids=torch.tensor([[5, 6]]), cache=tiny.model.new_cache(), use_cache=True)
+        language(input_ids=torch.tensor([[8]]), cache=out.cache, use_cache=True)
+    assert sum(calls.values()) == 0
+
+
+def test_a_mismatch_at_load_keeps_the_stock_decoder(tiny, monkeypatch):
+    language = tiny.model.language
+    installed = language.decode_step
+    graphs = cpu_decode.step_graphs()
+    wrong = dataclasses.replace(graphs, logits=lambda x, weight: 2 * graphs.logits(x, weight))
+    monkeypatch.setattr(cpu_decode, "step_graphs", lambda: wrong)
+    try:
+        reason = use_decode_step(language)
+        assert reason is not None and reason.startswith("AssertionError")
+        assert language.decode_step is None
+    finally:
+        language.decode_step = installed
+
+
+def test_models_it_does_not_cover_keep_the_stock_decoder(checkpoints):
+    small = load_model(checkpoints["small"], device="cpu", dtype="fp32")
+    assert "whole steps" not in small.info.compute and use_decode_step(small.model.language) is not None
+    quantized = load_model(checkpoints["tiny"], device="cpu", dtype="bf16", quantization="4bit")
+    assert quantized.model.language.decode_step is None
+    assert "(quantized?)" in use_decode_step(quantized.model.language)
