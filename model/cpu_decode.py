@@ -27,12 +27,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental import _config as fx_config
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .cpu_kernels import CpuLinear, _one_query_attention, _one_row_product, _one_row_swiglu, _routed_one_row
+from .cpu_kernels import (
+    CpuLinear,
+    _one_query_attention,
+    _one_row_product,
+    _one_row_swiglu,
+    _routed_one_row,
+    is_plain_swiglu,
+)
 from .experts import RoutedExperts
 
 logger = logging.getLogger(__name__)
@@ -98,7 +104,8 @@ def _attention_output_routed(
     """Stage 3 of an MoE layer: as :func:`_attention_output`, plus the greedy softmax router's
     choice (fp32 logits, as transformers' ``DeepseekOcr2TextTopkRouter``)."""
     hidden, x = _attention_output(hidden, query, keys, values, scale, allowed, w_o, norm, eps)
-    scores = F.linear(x.float(), router.float()).softmax(-1)
+    # A reduction, not F.linear: Inductor would call an external fp32 GEMV for it (1.1 ms a step).
+    scores = _one_row_product(x.float(), router.float()).softmax(-1)
     weights, experts = torch.topk(scores, k=top_k, sorted=False)
     return hidden, x, weights * routed_scaling, experts
 
@@ -172,40 +179,31 @@ def _swiglu_weights(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return _weight(mlp.gate_proj), _weight(mlp.up_proj), _weight(mlp.down_proj)
 
 
-def _is_plain_linear(module: object) -> bool:
-    return type(module) in (CpuLinear, nn.Linear)  # not bitsandbytes' subclasses
-
-
-def _is_plain_swiglu(mlp: nn.Module) -> bool:
-    projections = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
-    activation = type(getattr(mlp, "act_fn", None)).__name__
-    return all(_is_plain_linear(p) and p.bias is None for p in projections) and activation in ("SiLUActivation", "SiLU")
-
-
 def supports(language: nn.Module) -> str | None:
     """``None`` when :class:`TinyDecodeStep` can run ``language``, else why not."""
     text = getattr(language, "model", None)
     layers = getattr(text, "layers", None)
-    if layers is None or not _is_plain_linear(getattr(language, "lm_head", None)):
+    # CpuLinear: a full-precision weight on the CPU (bitsandbytes' layers are other nn.Linear kinds).
+    if layers is None or not isinstance(getattr(language, "lm_head", None), CpuLinear):
         return "not a Tiny-style language model"
     if any(p.device.type != "cpu" for p in language.parameters()):
         return "weights not all on the CPU"
     for layer in layers:
         attention, mlp = layer.self_attn, layer.mlp
         projections = [getattr(attention, name, None) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        if not all(_is_plain_linear(p) and p.bias is None for p in projections):
+        if not all(isinstance(p, CpuLinear) and p.bias is None for p in projections):
             return "attention is not four plain linears (quantized?)"
         if attention.num_key_value_groups != 1:
             return "grouped-query attention"
         experts = getattr(mlp, "experts", None)
         if experts is None:
-            if not _is_plain_swiglu(mlp):
+            if not is_plain_swiglu(mlp):
                 return "dense MLP is not a plain SwiGLU"
             continue
         gate = mlp.gate
-        if not isinstance(experts, RoutedExperts) or not all(_is_plain_swiglu(e) for e in experts):
+        if not isinstance(experts, RoutedExperts) or not all(is_plain_swiglu(e) for e in experts):
             return "routed experts are not plain SwiGLUs (quantized?)"
-        if getattr(gate, "topk_method", None) != "greedy" or not _is_plain_swiglu(mlp.shared_experts):
+        if getattr(gate, "topk_method", None) != "greedy" or not is_plain_swiglu(mlp.shared_experts):
             return "router or shared experts not supported"
     return None
 

@@ -212,7 +212,8 @@ def _fused_routed_forward(
     return type(self).forward(self, hidden_states, top_k_index, top_k_weights)
 
 
-def _is_plain_swiglu(module: nn.Module) -> bool:
+def is_plain_swiglu(module: nn.Module) -> bool:
+    """A SwiGLU MLP of three bias-free :class:`CpuLinear` (full-precision weights on the CPU)."""
     projections = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
     return all(isinstance(p, CpuLinear) and p.bias is None for p in projections) and type(
         getattr(module, "act_fn", None)
@@ -280,10 +281,10 @@ def use_decode_kernels(module: nn.Module, kernels: DecodeKernels) -> int:
             linear.one_row_product = kernels.one_row_product
             linears += 1
     for sub in module.modules():
-        if _is_plain_swiglu(sub):
+        if is_plain_swiglu(sub):
             sub.one_row_kernels = kernels
             sub.forward = _fused_swiglu_forward.__get__(sub)
-        elif isinstance(sub, RoutedExperts) and all(_is_plain_swiglu(expert) for expert in sub):
+        elif isinstance(sub, RoutedExperts) and all(is_plain_swiglu(expert) for expert in sub):
             sub.one_row_kernels = kernels
             sub.forward = _fused_routed_forward.__get__(sub)
             routed.append(sub)
