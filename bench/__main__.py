@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,9 +111,6 @@ class Config:
     name: str
     loaded: LoadedModel
     load_seconds: float
-    # False: decode through the per-module kernels instead of the whole-step decoder (a paired
-    # control for model/cpu_decode.py, measured from the same loaded model).
-    whole_step_decode: bool = True
     samples: dict[str, list[float]] = field(default_factory=dict)
     costs: Costs = field(init=False)
 
@@ -123,25 +119,6 @@ class Config:
 
     def record(self, key: str, value: float) -> None:
         self.samples.setdefault(key, []).append(value)
-
-    @property
-    def loaded_as(self) -> str:
-        """The name of the configuration whose load this one shares."""
-        return self.name.split(" (")[0]
-
-
-@contextmanager
-def decoder_of(config: Config):
-    """Decode as ``config`` asks: without the whole-step decoder for a per-module control."""
-    language = config.loaded.model.language
-    whole_step = getattr(language, "decode_step", None)
-    if not config.whole_step_decode:
-        language.decode_step = None
-    try:
-        yield
-    finally:
-        if whole_step is not None:
-            language.decode_step = whole_step
 
 
 def build(variant: str, full_size: bool) -> Path:
@@ -169,7 +146,7 @@ def _to_device(inputs: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
-def measure(config: Config, image: Image.Image, decode_tokens: int, chunk: int) -> None:
+def measure(config: Config, image: Image.Image, decode_tokens: int, chunk: int, compare_decoders: bool) -> None:
     model, processor = config.loaded.model, config.loaded.processor
     device = _device(config.loaded)
     wall, cpu = time.perf_counter(), time.process_time()
@@ -232,6 +209,9 @@ def measure(config: Config, image: Image.Image, decode_tokens: int, chunk: int) 
         config.record("decode_cache_mb", cache_bytes / MB)
         decode_floor_ms = config.costs.decode_floor_ms(floors, cache_bytes)
         config.record("decode_vs_bandwidth_floor", config.samples["decode_ms_per_token"][-1] / decode_floor_ms)
+        if compare_decoders and getattr(model.language, "decode_step", None) is not None:
+            ratios = paired_decoders(model, cache, token, positions=8)
+            config.record("decode_per_module_over_whole_step", statistics.median(ratios))
     config.record("cpu_over_wall", (time.process_time() - cpu) / (time.perf_counter() - wall))
 
 
@@ -288,15 +268,29 @@ def prefill_dtype(model: torch.nn.Module) -> str:
     return "fp32" if model.get_input_embeddings().weight.dtype == torch.float32 else "bf16"
 
 
-def paired_decode(config: Config, schedule: list[Config]) -> dict[str, float]:
-    """For a per-module control: its decode time over the whole-step decoder's, round by round
-    (both measured in the same round, next to each other), median."""
-    if config.whole_step_decode:
-        return {}
-    whole = next(c for c in schedule if c.name == config.loaded_as)
-    key = "decode_ms_per_token"
-    ratios = [control / fast for control, fast in zip(config.samples[key], whole.samples[key], strict=True)]
-    return {"decode_per_module_over_whole_step": round(statistics.median(ratios), 3)}
+def paired_decoders(model: torch.nn.Module, cache, token: torch.Tensor, positions: int) -> list[float]:
+    """At each of ``positions`` cache positions, one step through the per-module kernels and one
+    through the whole-step decoder (model/cpu_decode.py), alternating which goes first, each
+    from the same cache position (the step's token is cropped off again); then the cache
+    advances. Returns the per-module/whole-step time ratios: paired at the same position."""
+    language = model.language
+    whole_step = language.decode_step
+    ratios = []
+    try:
+        for position in range(positions):
+            seconds = {}
+            for decoder in (whole_step, None) if position % 2 else (None, whole_step):
+                language.decode_step = decoder
+                start = time.perf_counter()
+                language(input_ids=token, cache=cache, use_cache=True)
+                seconds[decoder is None] = time.perf_counter() - start
+                cache.crop(-1)
+            language.decode_step = whole_step
+            token = language(input_ids=token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            ratios.append(seconds[True] / seconds[False])
+    finally:
+        language.decode_step = whole_step
+    return ratios
 
 
 def logit_error(logits: dict[str, torch.Tensor], name: str) -> tuple[float, str] | None:
@@ -370,7 +364,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--compare-decoders",
         action="store_true",
-        help="also decode each CPU Tiny configuration through the per-module kernels (paired control)",
+        help="time CPU Tiny decode steps through the per-module kernels too, paired position by position",
     )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default="bench/results/bench.json")
@@ -397,18 +391,11 @@ def main(argv=None) -> int:
     ]
     control = Config(f"{configs[0].name} (A/A)", configs[0].loaded, configs[0].load_seconds)
     schedule = [*configs, control]
-    if args.compare_decoders:
-        schedule += [
-            Config(f"{c.name} (per-module decode)", c.loaded, c.load_seconds, whole_step_decode=False)
-            for c in configs
-            if getattr(c.loaded.model.language, "decode_step", None) is not None
-        ]
     image = Image.new("RGB", (1024, 768), (120, 140, 160))
     for round_index in range(rounds):
         shift = round_index % len(schedule)
         for config in schedule[shift:] + schedule[:shift]:
-            with decoder_of(config):
-                measure(config, image, args.decode_tokens, args.prefill_chunk)
+            measure(config, image, args.decode_tokens, args.prefill_chunk, args.compare_decoders)
     # Quantization error on the same random weights: last-token logits vs the variant's fp32 run.
     probe = [Message("user", "Describe the picture.", [image.resize((384, 384))])]
     logits = {}
@@ -432,8 +419,7 @@ def main(argv=None) -> int:
                 "placement": config.loaded.info.placement,
                 "cpu_compute": config.loaded.info.compute,
                 "load_s": round(config.load_seconds, 2),
-                **memory.get(config.loaded_as, {}),
-                **paired_decode(config, schedule),
+                **memory.get(config.name.removesuffix(" (A/A)"), {}),
                 **{key: round(value, 4) for key, value in median.items()},
                 "prefill_gemm_dtype": config.costs.prefill_dtype,
                 "prefill_floor_s": round(config.costs.prefill_floor_s(median["prompt_tokens"], median_floors), 3),
