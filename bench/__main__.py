@@ -84,6 +84,7 @@ class Costs:
     """What a configuration's phases must at least do, to compare against the machine's floors."""
 
     prefill_macs_per_token: float
+    attention_macs_per_pair: float  # per (query, key) pair, all layers: scores and weighted sum
     decode_step_bytes: float
     prefill_dtype: str
     vision_macs_per_tile: float
@@ -93,10 +94,13 @@ class Costs:
     def of(cls, model: torch.nn.Module) -> Costs:
         macs, step_bytes = step_costs(model)
         vision_dtype = "fp32" if model.vision.embeddings.patch_embedding.weight.dtype == torch.float32 else "bf16"
-        return cls(macs, step_bytes, prefill_dtype(model), vision_macs_per_tile(model), vision_dtype)
+        attention = attention_macs_per_pair(model.config.text_config)
+        return cls(macs, attention, step_bytes, prefill_dtype(model), vision_macs_per_tile(model), vision_dtype)
 
     def prefill_floor_s(self, tokens: float, floors: dict[str, float]) -> float:
-        return 2 * self.prefill_macs_per_token * tokens / (floors[f"{self.prefill_dtype}_gemm_gflops"] * 1e9)
+        """The weights' products for every token plus causal attention over tokens·(tokens+1)/2 pairs."""
+        macs = self.prefill_macs_per_token * tokens + self.attention_macs_per_pair * tokens * (tokens + 1) / 2
+        return 2 * macs / (floors[f"{self.prefill_dtype}_gemm_gflops"] * 1e9)
 
     def vision_floor_s(self, floors: dict[str, float]) -> float:
         return 2 * self.vision_macs_per_tile / (floors[f"{self.vision_dtype}_gemm_gflops"] * 1e9)
@@ -244,6 +248,17 @@ def step_costs(model: torch.nn.Module) -> tuple[float, float]:
             macs += p.numel() * weight * (2 if p.dtype == torch.uint8 else 1)
         step_bytes += p.numel() * p.element_size() * weight
     return macs, step_bytes
+
+
+def attention_macs_per_pair(text) -> float:
+    """Multiply-adds of attention per (query, key) pair over all layers: one score (query·key)
+    and one weighted value per head."""
+    heads = text.num_attention_heads
+    if getattr(text, "kv_lora_rank", None):  # MLA: decompressed per-head query/key and value widths
+        qk, v = text.qk_nope_head_dim + text.qk_rope_head_dim, text.v_head_dim
+    else:
+        qk = v = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return float(text.num_hidden_layers * heads * (qk + v))
 
 
 def vision_macs_per_tile(model: torch.nn.Module) -> float:
