@@ -137,6 +137,7 @@ def apply_cpu_compute(model: nn.Module, speeds: GemmSpeeds | None = None) -> Cpu
     kernels, decode = decode_kernels(dtypes) if dtypes else (None, "bitsandbytes' kernels")
     if kernels is not None:
         use_decode_kernels(language, kernels)
-        if use_decode_step(language) is None:
-            decode += "; whole steps compiled"
+        whole_steps = use_decode_step(language)
+        if whole_steps is not None:
+            decode += f"; {whole_steps}"
     return CpuComputePlan(speeds=speeds, fp32_for_many_rows=fp32, decode=decode)

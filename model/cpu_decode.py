@@ -181,11 +181,12 @@ def _swiglu_weights(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 def supports(language: nn.Module) -> str | None:
     """``None`` when :class:`TinyDecodeStep` can run ``language``, else why not."""
-    text = getattr(language, "model", None)
-    layers = getattr(text, "layers", None)
-    # CpuLinear: a full-precision weight on the CPU (bitsandbytes' layers are other nn.Linear kinds).
-    if layers is None or not isinstance(getattr(language, "lm_head", None), CpuLinear):
+    if not hasattr(type(language), "decode_step"):  # VL2TinyForCausalLM declares it
         return "not a Tiny-style language model"
+    layers = language.model.layers
+    # CpuLinear: a full-precision weight on the CPU (bitsandbytes' layers are other nn.Linear kinds).
+    if not isinstance(language.lm_head, CpuLinear):
+        return "lm_head is not a plain linear on the CPU"
     if any(p.device.type != "cpu" for p in language.parameters()):
         return "weights not all on the CPU"
     for layer in layers:
@@ -303,13 +304,11 @@ def warm_up(language: nn.Module, step: TinyDecodeStep) -> None:
 
 
 def use_decode_step(language: nn.Module) -> str | None:
-    """Give ``language`` the compiled whole-step decoder where it applies; returns why not, or
-    ``None`` when installed. A failure to compile or to match leaves the stock decoder."""
-    if not hasattr(type(language), "decode_step"):
-        return "not a Tiny-style language model"
-    reason = supports(language)
-    if reason is not None:
-        return reason
+    """Give ``language`` the compiled whole-step decoder where it applies. Returns a line for the
+    compute summary: "whole steps compiled", or why compiling or checking it failed (the stock
+    decoder stays); ``None`` where it does not apply (see :func:`supports`)."""
+    if supports(language) is not None:
+        return None
     step = TinyDecodeStep(language, step_graphs())
     language.decode_step = step
     try:
@@ -318,5 +317,5 @@ def use_decode_step(language: nn.Module) -> str | None:
         language.decode_step = None
         first_line = (str(exc).strip().splitlines() or [""])[0][:200]
         logger.warning("whole-step CPU decode unavailable (%s: %s)", type(exc).__name__, first_line)
-        return f"{type(exc).__name__}: {first_line}"
-    return None
+        return f"whole steps failed ({type(exc).__name__}: {first_line})"
+    return "whole steps compiled"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model import cpu_decode
-from model.cpu_decode import StepGraphs, use_decode_step
+from model.cpu_decode import StepGraphs, supports, use_decode_step
 from model.loading import load_model
 from model.processing import Message
 
@@ -163,7 +163,7 @@ def test_a_mismatch_at_load_keeps_the_stock_decoder(tiny, monkeypatch):
     monkeypatch.setattr(cpu_decode, "step_graphs", lambda: wrong)
     try:
         reason = use_decode_step(language)
-        assert reason is not None and reason.startswith("AssertionError")
+        assert reason is not None and reason.startswith("whole steps failed (AssertionError")
         assert language.decode_step is None
     finally:
         language.decode_step = installed
@@ -171,7 +171,9 @@ def test_a_mismatch_at_load_keeps_the_stock_decoder(tiny, monkeypatch):
 
 def test_models_it_does_not_cover_keep_the_stock_decoder(checkpoints):
     small = load_model(checkpoints["small"], device="cpu", dtype="fp32")
-    assert "whole steps" not in small.info.compute and use_decode_step(small.model.language) is not None
+    assert "whole steps" not in small.info.compute and use_decode_step(small.model.language) is None
+    assert supports(small.model.language) == "not a Tiny-style language model"
     quantized = load_model(checkpoints["tiny"], device="cpu", dtype="bf16", quantization="4bit")
     assert quantized.model.language.decode_step is None
-    assert "(quantized?)" in use_decode_step(quantized.model.language)
+    assert use_decode_step(quantized.model.language) is None
+    assert "(quantized?)" in supports(quantized.model.language)
