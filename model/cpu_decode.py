@@ -37,7 +37,9 @@ from .cpu_kernels import (
     _one_row_product,
     _one_row_swiglu,
     _routed_one_row,
+    describe_failure,
     is_plain_swiglu,
+    swiglu_weights,
 )
 from .experts import RoutedExperts
 
@@ -171,12 +173,7 @@ def step_graphs() -> StepGraphs:
 
 
 def _weight(linear: nn.Module) -> torch.Tensor:
-    # detach(): dynamo would specialize on each Parameter and compile once per layer.
-    return linear.weight.detach()
-
-
-def _swiglu_weights(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _weight(mlp.gate_proj), _weight(mlp.up_proj), _weight(mlp.down_proj)
+    return linear.weight.detach()  # as swiglu_weights: one graph for every layer
 
 
 def supports(language: nn.Module) -> str | None:
@@ -238,11 +235,12 @@ class TinyDecodeStep:
     ) -> CausalLMOutputWithPast:
         graphs, text = self.graphs, self.language.model
         hidden = text.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        cached = cache.get_seq_length()
         if position_ids is None:
-            position_ids = torch.full((1, 1), cache.get_seq_length(), dtype=torch.long)
+            position_ids = torch.full((1, 1), cached, dtype=torch.long)
         cos, sin = text.rotary_emb(hidden, position_ids)
         cos, sin = cos.reshape(-1), sin.reshape(-1)
-        length = cache.get_seq_length() + 1
+        length = cached + 1
         if attention_mask is None:
             allowed = torch.ones(1, 1, 1, length, dtype=torch.bool)
         else:  # padding (a 2-D mask as ``generate`` keeps it), already covering this token
@@ -266,14 +264,14 @@ class TinyDecodeStep:
             stage5_norm = (next_norm.weight.detach(), next_norm.variance_epsilon)
             if getattr(mlp, "experts", None) is None:
                 hidden, x = graphs.attention_output(*stage3)
-                hidden, x = graphs.mlp_output(hidden, x, *_swiglu_weights(mlp), *stage5_norm)
+                hidden, x = graphs.mlp_output(hidden, x, *swiglu_weights(mlp), *stage5_norm)
                 continue
             gate = mlp.gate
             hidden, x, routing_weights, chosen = graphs.attention_output_routed(
                 *stage3, gate.weight.detach(), gate.top_k, gate.routed_scaling_factor
             )
-            routed = [w for expert in chosen.tolist() for w in _swiglu_weights(mlp.experts[expert])]
-            shared = _swiglu_weights(mlp.shared_experts)
+            routed = [w for expert in chosen.tolist() for w in swiglu_weights(mlp.experts[expert])]
+            shared = swiglu_weights(mlp.shared_experts)
             hidden, x = graphs.moe_output(hidden, x, routing_weights, routed, *shared, *stage5_norm)
         logits = graphs.logits(x, _weight(self.language.lm_head))
         return CausalLMOutputWithPast(logits=logits.view(1, 1, -1), cache=cache)
@@ -315,7 +313,7 @@ def use_decode_step(language: nn.Module) -> str | None:
         warm_up(language, step)
     except Exception as exc:  # compiler missing, numerical mismatch, ...: keep the stock decoder
         language.decode_step = None
-        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-        logger.warning("whole-step CPU decode unavailable (%s: %s)", type(exc).__name__, first_line)
-        return f"whole steps failed ({type(exc).__name__}: {first_line})"
+        failure = describe_failure(exc)
+        logger.warning("whole-step CPU decode unavailable (%s)", failure)
+        return f"whole steps failed ({failure})"
     return "whole steps compiled"

@@ -132,6 +132,18 @@ def warm_up(kernels: DecodeKernels, dtypes: set[torch.dtype]) -> None:
                 _assert_close(kernels.one_query_attention(query, key, value, 0.25, allowed), expected)
 
 
+def swiglu_weights(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An MLP's gate, up and down weights, detached: dynamo would specialize on each Parameter and
+    compile once per layer."""
+    return mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(), mlp.down_proj.weight.detach()
+
+
+def describe_failure(exc: Exception) -> str:
+    """``Type: first line of the message`` (at most 200 characters), for the compute summary."""
+    first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+    return f"{type(exc).__name__}: {first_line}"
+
+
 def decode_kernels(dtypes: set[torch.dtype]) -> tuple[DecodeKernels | None, str]:
     """The compiled kernels warmed up for ``dtypes`` (or ``None``), and a line saying which are used."""
     global _compiled, _failure
@@ -146,8 +158,7 @@ def decode_kernels(dtypes: set[torch.dtype]) -> tuple[DecodeKernels | None, str]
             warm_up(_compiled, dtypes - _warmed)
             _warmed.update(dtypes)
         except Exception as exc:  # no C++ compiler, unsupported platform, ...: keep PyTorch's kernels
-            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-            _failure = f"{type(exc).__name__}: {first_line}"
+            _failure = describe_failure(exc)
             logger.warning("CPU decode kernels could not be compiled (%s); using PyTorch's kernels", _failure)
     if _failure is not None:
         if choice == "compiled":
@@ -196,8 +207,7 @@ def as_cpu_linear(module: nn.Module) -> CpuLinear | None:
 def _fused_swiglu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     kernels = self.one_row_kernels
     if x.numel() == x.shape[-1] and kernels is not None and torch.is_inference_mode_enabled():
-        weights = (self.gate_proj.weight.detach(), self.up_proj.weight.detach(), self.down_proj.weight.detach())
-        return kernels.one_row_swiglu(x.reshape(-1), *weights).view(*x.shape[:-1], -1)
+        return kernels.one_row_swiglu(x.reshape(-1), *swiglu_weights(self)).view(*x.shape[:-1], -1)
     return type(self).forward(self, x)
 
 
@@ -207,7 +217,7 @@ def _fused_routed_forward(
     kernels = self.one_row_kernels
     if hidden_states.shape[0] == 1 and kernels is not None and torch.is_inference_mode_enabled():
         chosen = [self[expert] for expert in top_k_index[0].tolist()]
-        weights = [p.weight.detach() for e in chosen for p in (e.gate_proj, e.up_proj, e.down_proj)]
+        weights = [w for expert in chosen for w in swiglu_weights(expert)]
         return kernels.routed_one_row(hidden_states[0], top_k_weights[0], weights).view(1, -1)
     return type(self).forward(self, hidden_states, top_k_index, top_k_weights)
 

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from model import cpu_decode
-from model.cpu_decode import StepGraphs, supports, use_decode_step
+from model.cpu_decode import supports, use_decode_step
 from model.loading import load_model
 from model.processing import Message
 
+from .test_cpu_kernels import _counting
 from .test_model_forward import _gradient_image, _left_padded_batch
 
 
@@ -33,19 +34,7 @@ def _assert_as_accurate(fast: torch.Tensor, stock: torch.Tensor, exact: torch.Te
 
 
 def _count_calls(language, monkeypatch) -> Counter:
-    calls: Counter = Counter()
-    graphs = language.decode_step.graphs
-
-    def counted(name):
-        graph = getattr(graphs, name)
-
-        def call(*args):
-            calls[name] += 1
-            return graph(*args)
-
-        return call
-
-    counting = StepGraphs(**{f.name: counted(f.name) for f in dataclasses.fields(graphs)})
+    counting, calls = _counting(language.decode_step.graphs)
     monkeypatch.setattr(language.decode_step, "graphs", counting)
     return calls
 

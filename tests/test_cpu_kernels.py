@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
+from typing import TypeVar
 
 import pytest
 import torch
@@ -16,6 +18,8 @@ from model.loading import load_model
 
 from .test_model_forward import _left_padded_batch
 
+T = TypeVar("T")
+
 
 @pytest.fixture(scope="module")
 def kernels() -> DecodeKernels:
@@ -24,19 +28,20 @@ def kernels() -> DecodeKernels:
     return compiled
 
 
-def _counting(kernels: DecodeKernels) -> tuple[DecodeKernels, Counter]:
+def _counting(functions: T) -> tuple[T, Counter]:
+    """A copy of a dataclass of functions (DecodeKernels, StepGraphs) that counts calls by name."""
     calls: Counter = Counter()
 
     def counted(name):
-        kernel = getattr(kernels, name)
+        function = getattr(functions, name)
 
         def call(*args):
             calls[name] += 1
-            return kernel(*args)
+            return function(*args)
 
         return call
 
-    return DecodeKernels(**{name: counted(name) for name in DecodeKernels.__dataclass_fields__}), calls
+    return dataclasses.replace(functions, **{f.name: counted(f.name) for f in dataclasses.fields(functions)}), calls
 
 
 def _tolerance(dtype: torch.dtype) -> dict:
