@@ -102,6 +102,14 @@ def checkpoint_conversions() -> list:
     ]
 
 
+def _contiguous_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    # SigLIP's patch embeddings come out of the convolution as a transposed view ([N, 729, D] with
+    # the patch axis fastest), and element-wise ops keep their input's layout: without this the
+    # whole residual stream stays transposed and every LayerNorm copies it (55 copies a tile,
+    # measured 9 % of a tile's time on the CPU). Same values, contiguous rows.
+    return output.contiguous()
+
+
 class DeepseekVL2ForCausalLM(PreTrainedModel):
     config: DeepseekVL2Config
     config_class = DeepseekVL2Config
@@ -122,6 +130,7 @@ class DeepseekVL2ForCausalLM(PreTrainedModel):
         super().__init__(config)
         text = config.text_config
         self.vision = SiglipVisionModel(config.vision_config)
+        self.vision.embeddings.register_forward_hook(_contiguous_output)
         self.projector = MlpProjector(
             config.projector_input_dim,
             text.hidden_size,

@@ -74,6 +74,24 @@ def test_vision_tower_matches_official_vit(checkpoints, loaded_fp32):
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_vision_layers_receive_a_contiguous_residual_stream(loaded_fp32):
+    # The patch convolution's output is a transposed view; carried through the residual adds, it
+    # makes every LayerNorm copy its input (measured 9 % of a tile's time on the CPU).
+    model = loaded_fp32["tiny"].model
+    seen = []
+    hooks = [
+        layer.layer_norm1.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+        for layer in model.vision.encoder.layers
+    ]
+    try:
+        with torch.no_grad():
+            model.encode_tiles(torch.rand(2, 3, 384, 384))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen == [True] * len(model.vision.encoder.layers)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_routing_matches_official(variant, loaded_fp32):
     model = loaded_fp32[variant].model
