@@ -12,8 +12,7 @@ load we time one prefill-shaped GEMM in both dtypes and, where bf16 loses:
 * bitsandbytes 4-bit layers switch their compute dtype the same way;
 * the vision tower, which only ever sees many rows, is stored in fp32 (0.8 GB more for SigLIP).
 
-Activations and the KV cache stay in the weights' dtype, so both phases share one cache. Freed
-activation memory is kept for reuse (``model/cpu_allocator.py``). Decode
+Activations and the KV cache stay in the weights' dtype, so both phases share one cache. Decode
 steps get compiled one-row kernels on any CPU (``model/cpu_kernels.py``) and, for Tiny, a
 compiled whole-step decoder (``model/cpu_decode.py``).
 """
@@ -28,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu_allocator import reuse_freed_memory
 from .cpu_decode import use_decode_step
 from .cpu_kernels import CpuLinear, as_cpu_linear, decode_kernels, use_decode_kernels
 
@@ -92,7 +90,6 @@ class CpuComputePlan:
     speeds: GemmSpeeds | None  # None for fp32 models: nothing to choose
     fp32_for_many_rows: bool
     decode: str  # which kernels decode steps use (model/cpu_kernels.py)
-    allocator: str = "system allocator defaults"  # model/cpu_allocator.py
 
     def describe(self) -> str:
         if self.speeds is None:
@@ -103,7 +100,7 @@ class CpuComputePlan:
                 f"CPU GEMM: bf16 {self.speeds.bf16_gflops:.0f} GFLOP/s, fp32 {self.speeds.fp32_gflops:.0f} GFLOP/s "
                 f"→ {choice}"
             )
-        return f"{gemm}; decode: {self.decode}; memory: {self.allocator}"
+        return f"{gemm}; decode: {self.decode}"
 
 
 def _is_low_precision(model: nn.Module) -> bool:
@@ -143,4 +140,4 @@ def apply_cpu_compute(model: nn.Module, speeds: GemmSpeeds | None = None) -> Cpu
         whole_steps = use_decode_step(language)
         if whole_steps is not None:
             decode += f"; {whole_steps}"
-    return CpuComputePlan(speeds=speeds, fp32_for_many_rows=fp32, decode=decode, allocator=reuse_freed_memory())
+    return CpuComputePlan(speeds=speeds, fp32_for_many_rows=fp32, decode=decode)

@@ -43,7 +43,7 @@ def _count_calls(language, monkeypatch) -> Counter:
 def tiny(request, checkpoints):
     loaded = load_model(checkpoints["tiny"], device="cpu", dtype=request.param)
     assert loaded.model.language.decode_step is not None, loaded.info.compute
-    assert "decode: compiled one-row kernels; whole steps compiled;" in loaded.info.compute
+    assert loaded.info.compute.endswith("decode: compiled one-row kernels; whole steps compiled")
     return loaded
 
 
