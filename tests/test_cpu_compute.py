@@ -7,16 +7,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.configuration import vision_config_from_official
 from model.cpu_compute import (
     MIN_ROWS_FOR_FP32,
     GemmSpeeds,
     apply_cpu_compute,
     measure_gemm_speeds,
     use_fp32_for_many_rows,
+    vision_tiles_per_batch,
 )
 from model.cpu_kernels import CpuLinear
 from model.loading import load_model
 from model.processing import Message
+from model.testing import official_config
 
 from .test_model_forward import _gradient_image
 
@@ -84,6 +87,22 @@ def test_on_a_fast_bf16_cpu_nothing_changes(checkpoints, monkeypatch):
     assert loaded.model.vision.embeddings.patch_embedding.weight.dtype == torch.bfloat16
 
 
+def test_cpu_vision_batches_keep_one_mlp_activation_under_the_budget():
+    siglip = vision_config_from_official(official_config("tiny", full_size=True)["vision_config"])
+    # 729 patches x 4304 MLP values: 6.3 MB a tile in bf16, 12.5 MB in fp32; budget 24 MiB
+    assert vision_tiles_per_batch(siglip, element_size=2, default=8) == 4
+    assert vision_tiles_per_batch(siglip, element_size=4, default=8) == 2
+    assert vision_tiles_per_batch(siglip, element_size=4, default=1) == 1
+
+
+def test_a_cpu_model_gets_its_vision_batch_size(checkpoints):
+    loaded = load_model(checkpoints["tiny"], device="cpu", dtype="bf16")
+    vision = loaded.model.config.vision_config
+    expected = vision_tiles_per_batch(vision, element_size=2, default=8)
+    assert loaded.model.vision_tiles_per_batch == expected
+    assert f"vision: {expected} tiles a batch" in loaded.info.compute
+
+
 def test_the_loader_records_its_choice(checkpoints, monkeypatch):
     monkeypatch.setenv("VL2_CPU_GEMM", "fp32")
     loaded = load_model(checkpoints["tiny"], device="cpu", dtype="bf16")
@@ -94,7 +113,7 @@ def test_the_loader_records_its_choice(checkpoints, monkeypatch):
         load_model(checkpoints["tiny"], device="cpu", dtype="bf16")
     monkeypatch.setenv("VL2_CPU_GEMM", "auto")
     fp32 = load_model(checkpoints["tiny"], device="cpu", dtype="fp32").info.compute
-    assert fp32.startswith("CPU GEMM: fp32 throughout; decode:")  # nothing to choose
+    assert fp32.startswith("CPU GEMM: fp32 throughout; vision: ")  # nothing to choose
 
 
 def test_four_bit_layers_switch_compute_dtype_by_rows(checkpoints, monkeypatch):
