@@ -90,22 +90,11 @@ def _attention_output(
 
 
 def _attention_output_routed(
-    hidden: torch.Tensor,
-    query: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    scale: float,
-    allowed: torch.Tensor,
-    w_o: torch.Tensor,
-    norm: torch.Tensor,
-    eps: float,
-    router: torch.Tensor,
-    top_k: int,
-    routed_scaling: float,
+    router: torch.Tensor, top_k: int, routed_scaling: float, *attention: torch.Tensor | float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stage 3 of an MoE layer: as :func:`_attention_output`, plus the greedy softmax router's
-    choice (fp32 logits, as transformers' ``DeepseekOcr2TextTopkRouter``)."""
-    hidden, x = _attention_output(hidden, query, keys, values, scale, allowed, w_o, norm, eps)
+    """Stage 3 of an MoE layer: :func:`_attention_output` (``attention`` are its arguments), plus
+    the greedy softmax router's choice (fp32 logits, as transformers' ``DeepseekOcr2TextTopkRouter``)."""
+    hidden, x = _attention_output(*attention)
     # A reduction, not F.linear: Inductor would call an external fp32 GEMV for it (1.1 ms a step).
     scores = _one_row_product(x.float(), router.float()).softmax(-1)
     weights, experts = torch.topk(scores, k=top_k, sorted=False)
@@ -268,7 +257,7 @@ class TinyDecodeStep:
                 continue
             gate = mlp.gate
             hidden, x, routing_weights, chosen = graphs.attention_output_routed(
-                *stage3, gate.weight.detach(), gate.top_k, gate.routed_scaling_factor
+                gate.weight.detach(), gate.top_k, gate.routed_scaling_factor, *stage3
             )
             routed = [w for expert in chosen.tolist() for w in swiglu_weights(mlp.experts[expert])]
             shared = swiglu_weights(mlp.shared_experts)
