@@ -49,6 +49,20 @@ class GrowingLayer(DynamicLayer):
         # Another operation (beam reordering, batch selection) replaced our view: start again.
         return length == 0 or buffer.data_ptr() == self.keys.data_ptr()
 
+    def _reserve(self, key_like: torch.Tensor, value_like: torch.Tensor, length: int, needed: int) -> None:
+        """Make the buffers hold ``needed`` tokens (the first ``length`` kept) and point
+        ``keys``/``values`` at their first ``needed``."""
+        if not self._fits(length, needed):
+            capacity = needed + max(MIN_SPARE_TOKENS, needed // 4)
+            keys = _new_buffer(key_like, capacity, dim_major=False)
+            values = _new_buffer(value_like, capacity, dim_major=self.values_dim_major)
+            if length:
+                _first_tokens(keys, length, dim_major=False).copy_(self.keys)
+                _first_tokens(values, length, dim_major=self.values_dim_major).copy_(self.values)
+            self._key_buffer, self._value_buffer = keys, values
+        self.keys = _first_tokens(self._key_buffer, needed, dim_major=False)
+        self.values = _first_tokens(self._value_buffer, needed, dim_major=self.values_dim_major)
+
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,19 +70,19 @@ class GrowingLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         length = self.keys.shape[-2] if self.keys.dim() == key_states.dim() else 0
         needed = length + key_states.shape[-2]
-        if not self._fits(length, needed):
-            capacity = needed + max(MIN_SPARE_TOKENS, needed // 4)
-            keys = _new_buffer(key_states, capacity, dim_major=False)
-            values = _new_buffer(value_states, capacity, dim_major=self.values_dim_major)
-            if length:
-                _first_tokens(keys, length, dim_major=False).copy_(self.keys)
-                _first_tokens(values, length, dim_major=self.values_dim_major).copy_(self.values)
-            self._key_buffer, self._value_buffer = keys, values
-        self.keys = _first_tokens(self._key_buffer, needed, dim_major=False)
-        self.values = _first_tokens(self._value_buffer, needed, dim_major=self.values_dim_major)
+        self._reserve(key_states, value_states, length, needed)
         self.keys[..., length:needed, :] = key_states
         self.values[..., length:needed, :] = value_states
         return self.keys, self.values
+
+    def extend(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Grow by ``count`` tokens whose keys and values the caller writes itself, straight into
+        the returned buffers (``[..., tokens, head_dim]`` keys; values as stored), at positions
+        ``length`` to ``length + count - 1``, before anything reads them. For a layer that
+        already holds tokens."""
+        length = self.keys.shape[-2]
+        self._reserve(self.keys, self.values, length, length + count)
+        return self._key_buffer, self._value_buffer
 
     def reset(self) -> None:
         self._key_buffer = self._value_buffer = None

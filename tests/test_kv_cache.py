@@ -42,6 +42,27 @@ def test_steps_write_in_place_until_the_room_runs_out(values_dim_major):
 
 
 @pytest.mark.parametrize("values_dim_major", [False, True])
+def test_extend_hands_out_the_buffers_to_write_new_tokens_into(values_dim_major):
+    """As the compiled decode step writes (model/cpu_decode.py): into the buffers, past the
+    current length, after ``extend``; including past the first buffer's room."""
+    growing, dynamic = GrowingLayer(values_dim_major), DynamicLayer()
+    prompt, *steps = _steps([4] + [1] * (MIN_SPARE_TOKENS + 2))
+    growing.update(*prompt)
+    dynamic.update(*prompt)
+    for keys, values in steps:
+        length = growing.get_seq_length()
+        key_buffer, value_buffer = growing.extend(1)
+        key_buffer[..., length : length + 1, :] = keys
+        if values_dim_major:
+            value_buffer[..., length : length + 1] = values.transpose(-1, -2)
+        else:
+            value_buffer[..., length : length + 1, :] = values
+        dynamic.update(keys, values)
+    assert torch.equal(growing.keys, dynamic.keys) and torch.equal(growing.values, dynamic.values)
+    assert growing.keys.data_ptr() == growing._key_buffer.data_ptr()
+
+
+@pytest.mark.parametrize("values_dim_major", [False, True])
 def test_crop_beam_reordering_and_reset_keep_it_correct(values_dim_major):
     growing, dynamic = GrowingLayer(values_dim_major), DynamicLayer()
     first, second, third = _steps([6, 1, 1])
