@@ -125,13 +125,17 @@ def test_generate_decodes_a_single_image_question_with_whole_steps(tiny, checkpo
 
 def test_long_answers_compile_nothing_after_load(tiny, monkeypatch):
     """Inductor tells cache lengths apart past 4,096 (heads x tokens, and tokens alone); the
-    warm-up compiled both sides of each, so no answer pauses to compile."""
-    language = tiny.model.language
+    warm-up compiled both sides of each that the context reaches, so no answer pauses to compile,
+    up to the longest context."""
+    language, config = tiny.model.language, tiny.model.language.config
     calls = _count_calls(language, monkeypatch)
-    split = cpu_decode.REDUCTION_SPLIT
     compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     with torch.inference_mode():
-        for length in (7, split // language.config.num_attention_heads + 3, split + 3):
+        for length in (
+            7,
+            cpu_decode.REDUCTION_SPLIT // config.num_attention_heads + 3,
+            config.max_position_embeddings - 1,
+        ):
             prompt = torch.randint(10, 500, (1, length))
             out = language(input_ids=prompt, cache=tiny.model.new_cache(), use_cache=True)
             language(input_ids=out.logits[:, -1:].argmax(-1), cache=out.cache, use_cache=True)
