@@ -168,8 +168,9 @@ _graphs: StepGraphs | None = None
 
 def step_graphs() -> StepGraphs:
     """The stages compiled (dynamic shapes, once per process; Inductor compiles on first call).
-    Each is its own function, so that each has one compiled graph and dynamo checks one set of
-    guards per call."""
+    Each kind of call is its own function, so that dynamo checks only that function's graphs'
+    guards: one graph each (per cache-length regime, see :func:`warm_up`) for Tiny's layout of a
+    dense first layer and MoE layers after it."""
     global _graphs
     if _graphs is None:
         stages = (_first_stage, _dense_stage, _moe_stage, _dense_logits, _moe_logits)
@@ -217,12 +218,18 @@ def supports(language: nn.Module) -> str | None:
     return None
 
 
-def _grows_in_place(cache) -> bool:
-    """A cache the graphs can write into: every layer a :class:`GrowingLayer` holding tokens, its
-    values dimension-major (as ``new_cache()`` makes them for a model that :func:`supports`)."""
+def _grows_in_place(cache, attention_mask: torch.Tensor | None) -> bool:
+    """A cache the graphs can write into: every layer a :class:`GrowingLayer` holding the same
+    number of tokens, its values dimension-major (as ``new_cache()`` makes them for a model that
+    :func:`supports`); and a padding mask, if any, covering exactly those tokens and the new one."""
     layers = getattr(cache, "layers", None)
-    return bool(layers) and all(
-        isinstance(layer, GrowingLayer) and layer.values_dim_major and layer.get_seq_length() > 0 for layer in layers
+    if not layers or not all(isinstance(layer, GrowingLayer) and layer.values_dim_major for layer in layers):
+        return False
+    length = layers[0].get_seq_length()
+    return (
+        length > 0
+        and all(layer.get_seq_length() == length for layer in layers)
+        and (attention_mask is None or attention_mask.shape[-1] == length + 1)
     )
 
 
@@ -242,7 +249,7 @@ class TinyDecodeStep:
             and torch.is_inference_mode_enabled()
             and (attention_mask is None or attention_mask.dim() == 2)
             and not any(kwargs.get(name) for name in ("output_attentions", "output_hidden_states"))
-            and _grows_in_place(cache)
+            and _grows_in_place(cache, attention_mask)
         )
 
     def _attention(self, index: int, cache) -> tuple:
@@ -274,7 +281,7 @@ class TinyDecodeStep:
         if attention_mask is None:
             allowed = torch.ones(1, 1, 1, length, dtype=torch.bool)
         else:  # padding (a 2-D mask as ``generate`` keeps it), already covering this token
-            allowed = attention_mask[:, -length:].bool().view(1, 1, 1, -1)
+            allowed = attention_mask.bool().view(1, 1, 1, -1)
         rotary = (cos.reshape(-1), sin.reshape(-1), torch.tensor([cached]), allowed)
         layers = text.layers
         x = layers[0].input_layernorm(hidden).reshape(-1)
@@ -302,8 +309,7 @@ class TinyDecodeStep:
 
 
 # Inductor picks its loops by the sizes it first sees and guards on them: past 4,096 in a reduction
-# (heads x tokens, or tokens alone) it compiles again. Warm-up steps run at each side of those
-# that the model's context reaches.
+# (heads x tokens, or tokens alone) it compiles again. Warm-up steps run at each side of those.
 REDUCTION_SPLIT = 4096
 
 
@@ -316,13 +322,11 @@ def _lengthen(cache, tokens: int) -> None:
 
 
 def warm_up(language: nn.Module, step: TinyDecodeStep) -> None:
-    """Compile the stages now, with the model's real shapes and at each cache length within the
-    context where Inductor would compile again, and check each step against the stock decoder
-    (from the same cache; both steps write the same position)."""
-    config = language.config
-    lengths = [3, REDUCTION_SPLIT // config.num_attention_heads + 1]
-    if config.max_position_embeddings > REDUCTION_SPLIT:  # Tiny's context is 4,096: not past it
-        lengths.append(REDUCTION_SPLIT + 1)
+    """Compile the stages now, with the model's real shapes and at each cache length where
+    Inductor would compile again, and check each step against the stock decoder (from the same
+    cache; both steps write the same position)."""
+    # Past the context too: nothing stops an answer at max_position_embeddings.
+    lengths = (3, REDUCTION_SPLIT // language.config.num_attention_heads + 1, REDUCTION_SPLIT + 1)
     # A relative error over all logits: in bf16 the stages round where the stock decoder does but
     # fuse the arithmetic in between, and full-size random weights (logits up to about 5) then
     # differ by 2-5 % (measured); a wrong graph (a wrong expert, slot or rotation) is far off.

@@ -13,6 +13,7 @@ from transformers import DynamicCache
 
 from model import cpu_decode
 from model.cpu_decode import supports, use_decode_step
+from model.kv_cache import MIN_SPARE_TOKENS
 from model.loading import load_model
 from model.processing import Message
 
@@ -123,19 +124,46 @@ def test_generate_decodes_a_single_image_question_with_whole_steps(tiny, checkpo
         assert _relative_error(fast.logits[1], eager.logits[1]) < 2e-2
 
 
+def test_whole_steps_match_across_a_cache_regrowth_and_a_crop(tiny):
+    """Past the first buffer's spare room the cache moves to a larger buffer, and a crop makes
+    the next steps overwrite tokens: the graphs write and read the right positions through both."""
+    language = tiny.model.language
+    torch.manual_seed(2)
+    prompt, following = torch.randint(10, 500, (1, 5)), torch.randint(10, 500, (1, MIN_SPARE_TOKENS + 8))
+    logits, caches = {}, {}
+    for name, decoder in (("whole steps", language.decode_step), ("stock", None)):
+        saved, language.decode_step = language.decode_step, decoder
+        try:
+            cache = tiny.model.new_cache()
+            with torch.inference_mode():
+                language(input_ids=prompt, cache=cache, use_cache=True)
+                first_buffer = cache.layers[0]._key_buffer
+                for position in range(following.shape[1]):
+                    out = language(input_ids=following[:, position : position + 1], cache=cache, use_cache=True)
+                    if position == 20:
+                        cache.crop(-3)  # the next steps rewrite three positions
+            assert cache.layers[0]._key_buffer is not first_buffer  # it outgrew the first buffer
+        finally:
+            language.decode_step = saved
+        logits[name], caches[name] = out.logits, cache
+    tolerance = 1e-5 if logits["stock"].dtype == torch.float32 else 2e-2
+    assert _relative_error(logits["whole steps"], logits["stock"]) < tolerance
+    for fast_layer, stock_layer in zip(caches["whole steps"].layers, caches["stock"].layers, strict=True):
+        assert fast_layer.get_seq_length() == stock_layer.get_seq_length() == 5 + MIN_SPARE_TOKENS + 8 - 3
+        assert _relative_error(fast_layer.keys, stock_layer.keys) < tolerance
+        assert _relative_error(fast_layer.values, stock_layer.values) < tolerance
+
+
 def test_long_answers_compile_nothing_after_load(tiny, monkeypatch):
     """Inductor tells cache lengths apart past 4,096 (heads x tokens, and tokens alone); the
-    warm-up compiled both sides of each that the context reaches, so no answer pauses to compile,
-    up to the longest context."""
-    language, config = tiny.model.language, tiny.model.language.config
+    warm-up compiled both sides of each, so no answer pauses to compile (nothing stops an answer
+    at the model's context length)."""
+    language = tiny.model.language
     calls = _count_calls(language, monkeypatch)
+    split = cpu_decode.REDUCTION_SPLIT
     compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     with torch.inference_mode():
-        for length in (
-            7,
-            cpu_decode.REDUCTION_SPLIT // config.num_attention_heads + 3,
-            config.max_position_embeddings - 1,
-        ):
+        for length in (7, split // language.config.num_attention_heads + 3, split + 3):
             prompt = torch.randint(10, 500, (1, length))
             out = language(input_ids=prompt, cache=tiny.model.new_cache(), use_cache=True)
             language(input_ids=out.logits[:, -1:].argmax(-1), cache=out.cache, use_cache=True)
