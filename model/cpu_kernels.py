@@ -26,6 +26,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,10 +50,34 @@ def _one_row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (weight.float() * x.float()).sum(-1).to(x.dtype)
 
 
-def _one_row_swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+class Packed4bit(NamedTuple):
+    """A bitsandbytes 4-bit weight in its CPU layout: on AVX512-BF16 chips ``Linear4bit`` repacks
+    its weight at first use (double-quantized scales become bf16) for a fused kernel."""
+
+    data: torch.Tensor
+    absmax: torch.Tensor
+    code: torch.Tensor
+    shape: tuple[int, int]
+    blocksize: int
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor | Packed4bit) -> torch.Tensor:
+    """``weight @ x`` for one row: a full-precision weight as :func:`_one_row_product`, a 4-bit one
+    through bitsandbytes' CPU kernel (the op ``Linear4bit`` itself calls; compiled graphs call it
+    as an external kernel). Which one is decided when a graph is traced."""
+    if isinstance(weight, Packed4bit):
+        return torch.ops.bitsandbytes.gemv_4bit.default(
+            x.view(1, -1), weight.data, list(weight.shape), weight.absmax, weight.code, weight.blocksize
+        ).view(-1)
+    return _one_row_product(x, weight)
+
+
+def _one_row_swiglu(
+    x: torch.Tensor, gate: torch.Tensor | Packed4bit, up: torch.Tensor | Packed4bit, down: torch.Tensor | Packed4bit
+) -> torch.Tensor:
     """A SwiGLU MLP, ``down(silu(gate x) * up x)``, for one row in one call (no bias)."""
-    hidden = F.silu(_one_row_product(x, gate).float()) * _one_row_product(x, up).float()
-    return _one_row_product(hidden.to(x.dtype), down)
+    hidden = F.silu(_product(x, gate).float()) * _product(x, up).float()
+    return _product(hidden.to(x.dtype), down)
 
 
 def _routed_one_row(x: torch.Tensor, routing_weights: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
@@ -132,10 +157,23 @@ def warm_up(kernels: DecodeKernels, dtypes: set[torch.dtype]) -> None:
                 _assert_close(kernels.one_query_attention(query, key, value, 0.25, allowed), expected)
 
 
-def swiglu_weights(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """An MLP's gate, up and down weights, detached: dynamo would specialize on each Parameter and
-    compile once per layer."""
-    return mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(), mlp.down_proj.weight.detach()
+def packed_4bit(linear: nn.Module) -> Packed4bit | None:
+    """``linear``'s weight if it is a bias-free ``Linear4bit`` already packed for the CPU kernel."""
+    state = getattr(getattr(linear, "weight", None), "quant_state", None)
+    if getattr(linear, "bias", None) is not None or not getattr(state, "packing_format_for_cpu", False):
+        return None
+    return Packed4bit(linear.weight.data, state.absmax, state.code, tuple(state.shape), state.blocksize)
+
+
+def product_weight(linear: nn.Module) -> torch.Tensor | Packed4bit:
+    """What :func:`_product` takes for ``linear``. Detached: dynamo would specialize on each
+    Parameter and compile once per layer."""
+    return packed_4bit(linear) or linear.weight.detach()
+
+
+def swiglu_weights(mlp: nn.Module) -> tuple[torch.Tensor | Packed4bit, ...]:
+    """An MLP's gate, up and down weights, as :func:`_one_row_swiglu` takes them."""
+    return product_weight(mlp.gate_proj), product_weight(mlp.up_proj), product_weight(mlp.down_proj)
 
 
 def describe_failure(exc: Exception) -> str:
@@ -222,12 +260,19 @@ def _fused_routed_forward(
     return type(self).forward(self, hidden_states, top_k_index, top_k_weights)
 
 
-def is_plain_swiglu(module: nn.Module) -> bool:
-    """A SwiGLU MLP of three bias-free :class:`CpuLinear` (full-precision weights on the CPU)."""
+def is_plain_linear(module: nn.Module | None) -> bool:
+    """A bias-free :class:`CpuLinear` (a full-precision weight on the CPU)."""
+    return isinstance(module, CpuLinear) and module.bias is None
+
+
+def is_plain_swiglu(module: nn.Module, linear: Callable[[nn.Module | None], bool] = is_plain_linear) -> bool:
+    """A SwiGLU MLP whose three projections pass ``linear`` (by default: bias-free
+    :class:`CpuLinear`)."""
     projections = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
-    return all(isinstance(p, CpuLinear) and p.bias is None for p in projections) and type(
-        getattr(module, "act_fn", None)
-    ).__name__ in ("SiLUActivation", "SiLU")
+    return all(linear(p) for p in projections) and type(getattr(module, "act_fn", None)).__name__ in (
+        "SiLUActivation",
+        "SiLU",
+    )
 
 
 def cpu_decode_attention(
