@@ -2,12 +2,18 @@
 
 ``ru_maxrss`` only ever grows and counts the checkpoint's memory-mapped pages (which the kernel can
 drop at any time), so it cannot say what one phase cost. Anonymous RSS, sampled every few
-milliseconds, can: glibc returns large freed blocks to the OS, so the peak over a phase minus the
-level before it is that phase's activation peak.
+milliseconds, can: the peak over a phase minus the level before it is that phase's activation peak,
+provided the phase has to take its memory from the OS. glibc keeps freed blocks for reuse once it
+has freed a large one (its mmap threshold rises to that block's size: a 13 MB cache buffer of the
+decode warm-up is enough), and a phase that reuses them would read as free. So the heap's free
+memory is handed back (``malloc_trim``) before each measured block.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import re
 import resource
 import threading
@@ -28,6 +34,12 @@ def rss_bytes() -> dict[str, int]:
         return {"anon": 0, "file": 0}
     values = {name: int(kb) * 1024 for name, kb in _FIELDS.findall(text)}
     return {"anon": values.get("RssAnon", 0), "file": values.get("RssFile", 0)}
+
+
+def _release_free_heap() -> None:
+    """``malloc_trim(0)``: give the heap's free pages back to the OS (glibc; elsewhere nothing)."""
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
 
 
 def max_rss_bytes() -> int:
@@ -56,6 +68,7 @@ class PeakMemory:
             time.sleep(self.interval_s)
 
     def __enter__(self) -> PeakMemory:
+        _release_free_heap()
         now = rss_bytes()
         self.start_anon = self.peak_anon = now["anon"]
         self.peak_file = now["file"]

@@ -193,16 +193,20 @@ def _step_linear(linear: nn.Module | None) -> bool:
 
 
 def _pack_4bit_for_cpu(language: nn.Module) -> None:
-    """Have every bitsandbytes 4-bit layer repack its weight for the CPU kernel now, as it would at
-    its first use (only on chips it has that kernel for): a routed expert may otherwise first run
-    in the middle of an answer, and the stages read the packed layout."""
-    with torch.inference_mode():
+    """Have every bitsandbytes 4-bit layer on the CPU repack its weight for the CPU kernel now, as
+    it would at its first use (only on chips it has that kernel for): a routed expert may otherwise
+    first run in the middle of an answer, and the stages read the packed layout. The dummy row has
+    the activations' dtype: a layer's first input also sets the dtype it computes in. Under
+    ``no_grad``, not ``inference_mode``: the packed weights stay ordinary tensors."""
+    dtype = language.get_input_embeddings().weight.dtype
+    with torch.no_grad():
         for module in language.modules():
-            state = getattr(getattr(module, "weight", None), "quant_state", None)
-            if state is None or not getattr(module, "support_avx512bf16_for_cpu", False):
+            weight = getattr(module, "weight", None)
+            state = getattr(weight, "quant_state", None)
+            if state is None or weight.device.type != "cpu" or not getattr(module, "support_avx512bf16_for_cpu", False):
                 continue
             if not getattr(state, "packing_format_for_cpu", False):
-                module(torch.zeros(1, module.in_features, dtype=torch.bfloat16))
+                module(torch.zeros(1, module.in_features, dtype=dtype))
 
 
 def _norm(norm: nn.Module) -> tuple[torch.Tensor, float]:
@@ -225,7 +229,7 @@ def supports(language: nn.Module) -> str | None:
         attention, mlp = layer.self_attn, layer.mlp
         projections = [getattr(attention, name, None) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
         if not all(_step_linear(p) for p in projections):
-            return "attention projections are not plain or CPU-packed 4-bit linears (8-bit?)"
+            return "attention projections are neither plain nor 4-bit packed for the CPU (8-bit, or no AVX512-BF16?)"
         if attention.num_key_value_groups != 1:
             return "grouped-query attention"
         experts = getattr(mlp, "experts", None)
@@ -235,7 +239,7 @@ def supports(language: nn.Module) -> str | None:
             continue
         gate = mlp.gate
         if not isinstance(experts, RoutedExperts) or not all(is_plain_swiglu(e, _step_linear) for e in experts):
-            return "routed experts are not plain or CPU-packed 4-bit SwiGLUs (8-bit?)"
+            return "routed experts are neither plain nor 4-bit packed for the CPU (8-bit, or no AVX512-BF16?)"
         if getattr(gate, "topk_method", None) != "greedy" or not is_plain_swiglu(mlp.shared_experts, _step_linear):
             return "router or shared experts not supported"
     return None
@@ -353,7 +357,12 @@ def warm_up(language: nn.Module, step: TinyDecodeStep) -> None:
     # A relative error over all logits: in bf16 the stages round where the stock decoder does but
     # fuse the arithmetic in between, and full-size random weights (logits up to about 5) then
     # differ by 2-5 % (measured); a wrong graph (a wrong expert, slot or rotation) is far off.
-    tolerance = 0.1 if language.lm_head.weight.dtype != torch.float32 else 1e-4
+    # 4-bit layers round their input to bf16 even in an fp32 model, so tiny differences before them
+    # can flip a rounding.
+    exact = language.lm_head.weight.dtype == torch.float32 and not any(
+        packed_4bit(module) for module in language.modules()
+    )
+    tolerance = 1e-4 if exact else 0.1
     # Without duck sizing: the warm-up's cache length could equal another size (a small model's
     # head count) and the graphs would then be specialized on that equality, and compiled again
     # in the middle of the first answer.
@@ -382,7 +391,10 @@ def use_decode_step(language: nn.Module) -> str | None:
     compute summary: "whole steps compiled", or why compiling or checking it failed (the stock
     decoder stays); ``None`` where it does not apply (see :func:`supports`)."""
     if hasattr(type(language), "decode_step"):
-        _pack_4bit_for_cpu(language)
+        try:
+            _pack_4bit_for_cpu(language)
+        except Exception as exc:  # a layer bitsandbytes cannot repack: supports() then says no
+            logger.warning("4-bit layers not packed for the CPU kernel (%s)", describe_failure(exc))
     if supports(language) is not None:
         return None
     step = TinyDecodeStep(language, step_graphs())

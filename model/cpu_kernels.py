@@ -80,11 +80,14 @@ def _one_row_swiglu(
     return _product(hidden.to(x.dtype), down)
 
 
-def _routed_one_row(x: torch.Tensor, routing_weights: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+def _routed_one_row(
+    x: torch.Tensor, routing_weights: torch.Tensor, weights: list[torch.Tensor | Packed4bit]
+) -> torch.Tensor:
     """A token's routed experts in one call: ``weights`` holds (gate, up, down) per chosen expert.
 
     Like the stock path, each expert's output is rounded to the activations' dtype and the mix is
     summed in fp32 (the official model mixes in fp32)."""
+    # A down projection's output width: ``shape`` is [N, K] for a tensor and for Packed4bit alike.
     mixed = torch.zeros(weights[2].shape[0], dtype=torch.float32, device=x.device)
     for slot in range(len(weights) // 3):
         expert = _one_row_swiglu(x, *weights[3 * slot : 3 * slot + 3])
