@@ -189,7 +189,7 @@ def step_graphs() -> StepGraphs:
 def _step_linear(linear: nn.Module | None) -> bool:
     """A projection the stages can run: a plain linear on the CPU, or a 4-bit one packed for the
     CPU kernel (8-bit layers, and 4-bit ones on chips without AVX512-BF16, are not)."""
-    return is_plain_linear(linear) or (linear is not None and packed_4bit(linear) is not None)
+    return is_plain_linear(linear) or packed_4bit(linear) is not None
 
 
 def _pack_4bit_for_cpu(language: nn.Module) -> None:
@@ -280,11 +280,11 @@ class TinyDecodeStep:
         )
 
     def _attention(self, index: int, cache) -> tuple:
-        attention = self.language.model.layers[index].self_attn
+        layer = self.language.model.layers[index]
+        attention = layer.self_attn
         key_buffer, value_buffer = cache.layers[index].extend(1)
         weights = [product_weight(getattr(attention, name)) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        post_norm = self.language.model.layers[index].post_attention_layernorm
-        return (*weights, key_buffer, value_buffer, attention.scaling, *_norm(post_norm))
+        return (*weights, key_buffer, value_buffer, attention.scaling, *_norm(layer.post_attention_layernorm))
 
     def _router(self, index: int) -> tuple | None:
         gate = getattr(self.language.model.layers[index].mlp, "gate", None)

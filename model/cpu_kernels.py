@@ -160,7 +160,7 @@ def warm_up(kernels: DecodeKernels, dtypes: set[torch.dtype]) -> None:
                 _assert_close(kernels.one_query_attention(query, key, value, 0.25, allowed), expected)
 
 
-def packed_4bit(linear: nn.Module) -> Packed4bit | None:
+def packed_4bit(linear: nn.Module | None) -> Packed4bit | None:
     """``linear``'s weight if it is a bias-free ``Linear4bit`` already packed for the CPU kernel."""
     state = getattr(getattr(linear, "weight", None), "quant_state", None)
     if getattr(linear, "bias", None) is not None or not getattr(state, "packing_format_for_cpu", False):
