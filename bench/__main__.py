@@ -5,19 +5,22 @@
     python -m bench --device cuda --gpu-memory 8GiB --variants small --precisions nf4 --full-size
 
 Protocol: machine floors first (GEMM GFLOP/s in fp32 and bf16, memory read bandwidth). Then each
-configuration is loaded once in a process of its own, to measure its peak memory (the maximum
-RSS of a process never goes down). Timing happens in one process: configurations are loaded
-once, then measured in interleaved rounds with the order rotated each round; medians reported,
-with an A/A control (the first configuration measured twice) as the noise floor and CPU time
-beside wall time. Prefill is reported against the GEMM floor of the dtype it multiplies in,
-decode against the bandwidth floor for the bytes a step reads (weights and cache); the floors are measured again in
-every round beside the work, each ratio is taken within its round and the median reported, since a
-shared machine's bandwidth drifts. Random weights: speeds and bytes are meaningful, answers are not.
+configuration is loaded once in a process of its own, to measure its peak memory (the maximum RSS
+of a process never goes down) and each phase's peak, with the bounds on activations and without
+them (bench/memory.py says how a phase's peak is measured exactly). Timing happens in one process:
+configurations are loaded once, then measured in interleaved rounds with the order rotated each
+round; medians reported, with an A/A control (the first configuration measured twice) as the noise
+floor and CPU time beside wall time. Prefill is reported against the GEMM floor of the dtype it
+multiplies in, decode against the bandwidth floor for the bytes a step reads (weights and cache);
+the floors are measured again in every round beside the work, each ratio is taken within its round
+and the median reported, since a shared machine's bandwidth drifts. Random weights: speeds and
+bytes are meaningful, answers are not.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -35,11 +38,13 @@ from model.loading import LoadedModel, load_model
 from model.processing import Message
 from model.testing import make_checkpoint
 
-from .memory import PeakMemory, max_rss_bytes
+from .memory import PeakMemory, fixed_mmap_threshold, max_rss_bytes, rss_bytes
 
 CACHE = Path(tempfile.gettempdir()) / "vl2-bench-checkpoints"
 PRECISIONS = {"fp32": ("fp32", None), "bf16": ("bf16", None), "nf4": ("bf16", "4bit"), "int8": ("bf16", "8bit")}
 MB = 1e6
+# The long prompt of the memory runs: near Tiny's and Small's 4,096-token context.
+LONG_PROMPT_TOKENS = 4000
 
 
 def _sync(device: torch.device) -> None:
@@ -150,20 +155,25 @@ def _to_device(inputs: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
-def measure(config: Config, image: Image.Image, decode_tokens: int, chunk: int, compare_decoders: bool) -> None:
+def measure(
+    config: Config, image: Image.Image, decode_tokens: int, chunk: int, compare_decoders: bool, peaks: bool = False
+) -> None:
+    """One round of every phase. With ``peaks`` (the memory runs, see :func:`worker`) also each
+    phase's memory peak, and the same for the vision tiles in one batch and a long prompt's
+    prefill in one piece and in chunks: the peaks with and without the bounds."""
     model, processor = config.loaded.model, config.loaded.processor
     device = _device(config.loaded)
     wall, cpu = time.perf_counter(), time.process_time()
 
     def timed(key: str, work, peak_key: str | None = None):
-        with PeakMemory(device=device) as peak:
+        with PeakMemory(device=device) if peaks and peak_key else contextlib.nullcontext() as peak:
             _sync(device)
             start = time.perf_counter()
             result = work()
             _sync(device)
         config.record(key, time.perf_counter() - start)
-        if peak_key:
-            config.record(f"{peak_key}_peak_mb", peak.anon_delta / MB)
+        if peak is not None:
+            config.record(f"{peak_key}_peak_mb", peak.delta / MB)
             if device.type == "cuda":
                 config.record(f"{peak_key}_cuda_max_allocated_mb", peak.cuda_allocated / MB)
         return result
@@ -180,6 +190,8 @@ def measure(config: Config, image: Image.Image, decode_tokens: int, chunk: int, 
         inputs = _to_device(inputs, device)
         tiles = inputs["pixel_values"][0, : 1 + int(inputs["images_spatial_crop"][0, 0].prod())]
         timed("vision_s", lambda: model.encode_tiles(tiles), "vision")
+        if peaks and model.vision_tiles_per_batch < tiles.shape[0]:
+            timed("vision_one_batch_s", lambda: encode_in_one_batch(model, tiles), "vision_one_batch")
         config.record("vision_per_tile_s", config.samples["vision_s"][-1] / tiles.shape[0])
         vision_floor = config.costs.vision_floor_s(floors)
         config.record("vision_vs_gemm_floor", config.samples["vision_per_tile_s"][-1] / vision_floor)
@@ -196,6 +208,8 @@ def measure(config: Config, image: Image.Image, decode_tokens: int, chunk: int, 
         out = timed("prefill_s", prefill, "prefill")
         timed(f"prefill_chunk{chunk}_s", lambda: model.prefill_cache(embeds, mask, chunk), f"prefill_chunk{chunk}")
         config.record("prompt_tokens", embeds.shape[1])
+        if peaks:
+            long_prompt_peaks(config, timed, embeds, chunk)
         prefill_floor = config.costs.prefill_floor_s(embeds.shape[1], floors)
         config.record("prefill_vs_gemm_floor", config.samples["prefill_s"][-1] / prefill_floor)
         cache, token = out.cache, out.logits[:, -1:].argmax(-1)
@@ -217,6 +231,40 @@ def measure(config: Config, image: Image.Image, decode_tokens: int, chunk: int, 
             ratios = paired_decoders(model, cache, token, positions=8)
             config.record("decode_per_module_over_whole_step", statistics.median(ratios))
     config.record("cpu_over_wall", (time.process_time() - cpu) / (time.perf_counter() - wall))
+
+
+def encode_in_one_batch(model: torch.nn.Module, tiles: torch.Tensor) -> torch.Tensor:
+    """The vision tower over all ``tiles`` at once: without the cap on tiles per batch."""
+    cap = model.vision_tiles_per_batch
+    model.vision_tiles_per_batch = tiles.shape[0]
+    try:
+        return model.encode_tiles(tiles)
+    finally:
+        model.vision_tiles_per_batch = cap
+
+
+def long_prompt_peaks(config: Config, timed, embeds: torch.Tensor, chunk: int) -> None:
+    """Prefill a prompt near the context length (the image prompt's embeddings repeated) in one
+    piece and in chunks of ``chunk``; also the bytes of the cache it leaves, which both peaks hold."""
+    model = config.loaded.model
+    tokens = min(LONG_PROMPT_TOKENS, model.config.text_config.max_position_embeddings - 1)
+    if tokens <= embeds.shape[1]:
+        return
+    long = embeds.repeat(1, -(-tokens // embeds.shape[1]), 1)[:, :tokens]
+    mask = torch.ones(long.shape[:2], dtype=torch.long, device=long.device)
+    config.record("long_prompt_tokens", tokens)
+    whole = timed(
+        "long_prefill_s",
+        lambda: (
+            model.language(
+                inputs_embeds=long, attention_mask=mask, cache=model.new_cache(), use_cache=True, logits_to_keep=1
+            ).cache
+        ),
+        "long_prefill",
+    )
+    config.record("long_prefill_cache_mb", _cache_bytes(whole) / MB)
+    del whole
+    timed(f"long_prefill_chunk{chunk}_s", lambda: model.prefill_cache(long, mask, chunk), f"long_prefill_chunk{chunk}")
 
 
 def _cache_bytes(cache) -> float:
@@ -337,13 +385,23 @@ def isolated_memory(args: argparse.Namespace, name: str) -> dict:
 
 
 def worker(args: argparse.Namespace) -> int:
+    """A memory run: load one configuration and measure each phase's peak (bench/memory.py).
+
+    Phases are measured twice and reported from the second time: the first also fills caches
+    that stay (oneDNN keeps a compiled primitive for every new matrix shape, such as each count
+    of tokens an expert gets) and reads the checkpoint's pages in. What the first time kept is
+    reported on its own, as ``first_round_kept_mb``."""
     variant, precision = args.worker.split("/")
+    exact = fixed_mmap_threshold()
     with PeakMemory() as load_peak:
         config = load(args.worker, build(variant, args.full_size), precision, args.device, args.gpu_memory)
     after_load = max_rss_bytes()
     image = Image.new("RGB", (1024, 768), (120, 140, 160))
     with PeakMemory(device=_device(config.loaded)) as run_peak:
-        measure(config, image, args.decode_tokens, args.prefill_chunk, compare_decoders=False)
+        before = rss_bytes()["anon"]
+        measure(config, image, args.decode_tokens, args.prefill_chunk, compare_decoders=False, peaks=True)
+        kept = rss_bytes()["anon"] - before
+        measure(config, image, args.decode_tokens, args.prefill_chunk, compare_decoders=False, peaks=True)
     report = {
         "load_peak_anon_gb": round(load_peak.peak_anon / 1e9, 2),
         "load_peak_file_gb": round(load_peak.peak_file / 1e9, 2),
@@ -351,6 +409,21 @@ def worker(args: argparse.Namespace) -> int:
         "max_rss_after_load_gb": round(after_load / 1e9, 2),
         "max_rss_gb": round(max_rss_bytes() / 1e9, 2),
     }
+    phases = {
+        key: round(values[-1], 1)
+        for key, values in config.samples.items()
+        if key.endswith(("_peak_mb", "_cuda_max_allocated_mb", "_cache_mb")) or key == "long_prompt_tokens"
+    }
+    # The long prompt is only run here; its times come from a process whose allocator maps every
+    # block afresh (slower than a normal run), named so that they are not read as the timing runs'.
+    phases.update(
+        {
+            f"memory_run_{key}": round(values[-1], 2)
+            for key, values in config.samples.items()
+            if key.startswith("long_prefill") and key.endswith("_s")
+        }
+    )
+    report.update(phases, first_round_kept_mb=round(kept / MB, 1), glibc_mmap_threshold_fixed=exact)
     if run_peak.cuda_allocated:
         report["cuda_max_allocated_gb"] = round(run_peak.cuda_allocated / 1e9, 2)
         report["cuda_max_reserved_gb"] = round(run_peak.cuda_reserved / 1e9, 2)
@@ -444,12 +517,20 @@ def main(argv=None) -> int:
             }
         )
     header = ["config", "weights_gb", "peak_anon_gb", "load_s", "vision_per_tile_s", "vision_vs_gemm_floor",
-              "prefill_s", "prefill_vs_gemm_floor", "prefill_peak_mb", f"prefill_chunk{args.prefill_chunk}_peak_mb",
+              "prefill_s", "prefill_vs_gemm_floor",
               "decode_ms_per_token", "decode_vs_bandwidth_floor", "decode_per_module_over_whole_step", "logit_error",
               "logit_error_vs", "cpu_over_wall"]  # fmt: skip
     print(" | ".join(header))
     for row in rows:
         print(" | ".join(str(row.get(key, "-")) for key in header))
+    chunked = f"chunk{args.prefill_chunk}"
+    peaks = ["config", "vision_peak_mb", "vision_one_batch_peak_mb", "prefill_peak_mb", f"prefill_{chunked}_peak_mb",
+             "long_prompt_tokens", "long_prefill_cache_mb", "long_prefill_peak_mb",
+             f"long_prefill_{chunked}_peak_mb"]  # fmt: skip
+    print("phase peaks above the level before each phase (MB; memory runs: the cache a prefill builds is included)")
+    print(" | ".join(peaks))
+    for row in rows[: len(configs)]:
+        print(" | ".join(str(row.get(key, "-")) for key in peaks))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"floors": floors, "rounds": rounds, "rows": rows}, indent=2))

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -130,3 +135,17 @@ def test_four_bit_layers_switch_compute_dtype_by_rows(checkpoints, monkeypatch):
     inputs = _inputs(loaded.processor)
     with torch.no_grad():
         assert loaded.model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False).shape == (1, 3)
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, "1"), ("64", "64")])
+def test_importing_the_runtime_bounds_ideeps_shape_cache_unless_the_user_chose(preset, expected):
+    # In a fresh interpreter: the variable only matters before the first oneDNN product.
+    env = {key: value for key, value in os.environ.items() if key != "LRU_CACHE_CAPACITY"}
+    if preset is not None:
+        env["LRU_CACHE_CAPACITY"] = preset
+    script = "import os, model; print(os.environ['LRU_CACHE_CAPACITY'])"
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == expected
