@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cpu_decode import use_decode_step
-from .cpu_kernels import CpuLinear, as_cpu_linear, decode_kernels, use_decode_kernels
+from .cpu_kernels import CpuLinear, as_cpu_linear, decode_kernels, use_cpu_attention, use_decode_kernels
 
 # Below this many rows a product is memory bound and bf16 (fewer bytes) wins on any CPU.
 MIN_ROWS_FOR_FP32 = 16
@@ -156,7 +156,9 @@ def apply_cpu_compute(model: nn.Module, speeds: GemmSpeeds | None = None) -> Cpu
     # Full-precision linears only: bitsandbytes' layers subclass nn.Linear but hold packed bytes.
     dtypes = {m.weight.dtype for m in language.modules() if type(m) in (nn.Linear, CpuLinear)}
     kernels, decode = decode_kernels(dtypes) if dtypes else (None, "bitsandbytes' kernels")
-    if kernels is not None:
+    if kernels is None:
+        use_cpu_attention(language)
+    else:
         use_decode_kernels(language, kernels)
         whole_steps = use_decode_step(language)
         if whole_steps is not None:

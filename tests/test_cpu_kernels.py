@@ -77,6 +77,30 @@ def test_one_query_attention_matches_sdpa_with_and_without_padding(kernels, dtyp
             torch.testing.assert_close(got, expected, **_tolerance(dtype))
 
 
+@pytest.mark.parametrize("causal_mask", [False, True])
+def test_mla_prompts_pad_narrow_values_so_sdpa_keeps_its_flash_kernel(monkeypatch, causal_mask):
+    # MLA: queries and keys 24 wide, values 16. Unpadded, PyTorch's CPU SDPA falls back to its math
+    # path (every score materialized); the padded call must give the same attention.
+    widths = []
+    original = F.scaled_dot_product_attention
+
+    def recording(query, key, value, *args, **kwargs):
+        widths.append(value.shape[-1])
+        return original(query, key, value, *args, **kwargs)
+
+    module = torch.nn.Module()
+    module.is_causal = not causal_mask
+    query, key = torch.randn(1, 4, 9, 24), torch.randn(1, 4, 9, 24)
+    value = torch.randn(1, 4, 9, 16)
+    mask = torch.ones(9, 9, dtype=torch.bool).tril()[None, None] if causal_mask else None
+    with torch.inference_mode():
+        expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+        monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+        got, _ = cpu_kernels.cpu_decode_attention(module, query, key, value, mask, scaling=0.3)
+    assert widths == [24] and got.shape == expected.shape == (1, 9, 4, 16)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_prompts_and_autograd_keep_pytorchs_kernels(kernels):
     counting, calls = _counting(kernels)
     module = torch.nn.Module()
