@@ -7,8 +7,8 @@ it is the phase's exact peak, with no sampling to miss a short one. Two things w
 * glibc keeps freed blocks for reuse, so a phase could reuse memory an earlier one freed and read
   as free, or keep freed memory and read larger than it ever used. :func:`fixed_mmap_threshold`
   makes every block of 64 KiB or more a mapping of its own, returned when freed, so resident
-  memory follows the live tensors (measured on full-size Tiny: a 1,433-token prefill read 131 MB
-  this way against 450-630 MB with glibc's adaptive threshold). It slows a run down, so only the
+  memory follows the live tensors (measured on full-size Tiny: a 1,433-token prefill read 139 MB
+  this way, its cache included, against 454-627 MB with glibc's adaptive threshold). It slows a run down, so only the
   memory runs use it, not the timing ones;
 * the checkpoint's weights are memory-mapped, and the first phase to touch a page reads it in:
   file-backed growth is counted apart and left out of the phase's peak.

@@ -288,7 +288,9 @@ def cpu_decode_attention(
     scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention function: SDPA, except one query per sequence on the CPU."""
+    """transformers attention function for CPU models: SDPA (with MLA's narrow values padded, see
+    :func:`_narrow_value_attention`), except one query per sequence, which the compiled kernel
+    takes."""
     kernels = getattr(module, "decode_kernels", None)
     plain_decode = (
         kernels is not None
@@ -304,8 +306,7 @@ def cpu_decode_attention(
     if not plain_decode:
         if value.stride(-1) != 1:  # SDPA on dimension-major values (our CPU cache) runs 1.7x slower
             value = value.contiguous()
-        width = value.shape[-1]
-        if query.device.type == "cpu" and width < query.shape[-1]:
+        if query.device.type == "cpu" and value.shape[-1] < query.shape[-1]:
             return _narrow_value_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
