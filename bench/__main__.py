@@ -253,17 +253,22 @@ def long_prompt_peaks(config: Config, timed, embeds: torch.Tensor, chunk: int) -
     long = embeds.repeat(1, -(-tokens // embeds.shape[1]), 1)[:, :tokens]
     mask = torch.ones(long.shape[:2], dtype=torch.long, device=long.device)
     config.record("long_prompt_tokens", tokens)
-    whole = timed(
-        "long_prefill_s",
-        lambda: (
-            model.language(
-                inputs_embeds=long, attention_mask=mask, cache=model.new_cache(), use_cache=True, logits_to_keep=1
-            ).cache
-        ),
-        "long_prefill",
-    )
-    config.record("long_prefill_cache_mb", _cache_bytes(whole) / MB)
-    del whole
+    try:
+        whole = timed(
+            "long_prefill_s",
+            lambda: (
+                model.language(
+                    inputs_embeds=long, attention_mask=mask, cache=model.new_cache(), use_cache=True, logits_to_keep=1
+                ).cache
+            ),
+            "long_prefill",
+        )
+    except torch.OutOfMemoryError:  # a GPU budget that only chunked prefill fits: that is the finding
+        config.record("long_prefill_out_of_memory", 1.0)
+        torch.cuda.empty_cache()
+    else:
+        config.record("long_prefill_cache_mb", _cache_bytes(whole) / MB)
+        del whole
     timed(f"long_prefill_chunk{chunk}_s", lambda: model.prefill_cache(long, mask, chunk), f"long_prefill_chunk{chunk}")
 
 
@@ -412,7 +417,8 @@ def worker(args: argparse.Namespace) -> int:
     phases = {
         key: round(values[-1], 1)
         for key, values in config.samples.items()
-        if key.endswith(("_peak_mb", "_cuda_max_allocated_mb", "_cache_mb")) or key == "long_prompt_tokens"
+        if key.endswith(("_peak_mb", "_cuda_max_allocated_mb", "_cache_mb", "_out_of_memory"))
+        or key == "long_prompt_tokens"
     }
     # The long prompt is only run here; its times come from a process whose allocator maps every
     # block afresh (slower than a normal run), named so that they are not read as the timing runs'.
