@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import re
 import resource
 import threading
@@ -55,6 +56,7 @@ def rss_bytes() -> dict[str, int]:
     }
 
 
+@functools.cache  # finding the library runs ldconfig (about 2 ms), and every phase needs it
 def _libc() -> ctypes.CDLL | None:
     with contextlib.suppress(OSError, TypeError):
         return ctypes.CDLL(ctypes.util.find_library("c"))
