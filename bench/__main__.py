@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
+import os
 import statistics
 import subprocess
 import sys
@@ -33,18 +35,21 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from model import compute_thread
 from model.cpu_kernels import CpuLinear
 from model.loading import LoadedModel, load_model
 from model.processing import Message
-from model.testing import make_checkpoint
+from model.testing import make_checkpoint, official_config, official_tensor_shapes
 
 from .memory import PeakMemory, fixed_mmap_threshold, max_rss_bytes, rss_bytes
 
-CACHE = Path(tempfile.gettempdir()) / "vl2-bench-checkpoints"
+# Where generated checkpoints are kept between runs (full-size Small is 32 GB: a RAM disk may be faster).
+CACHE = Path(os.environ.get("VL2_BENCH_CACHE") or Path(tempfile.gettempdir()) / "vl2-bench-checkpoints")
 PRECISIONS = {"fp32": ("fp32", None), "bf16": ("bf16", None), "nf4": ("bf16", "4bit"), "int8": ("bf16", "8bit")}
 MB = 1e6
 # The long prompt of the memory runs: near Tiny's and Small's 4,096-token context.
 LONG_PROMPT_TOKENS = 4000
+SHARD_BYTES = 4e9
 
 
 def _sync(device: torch.device) -> None:
@@ -130,10 +135,16 @@ class Config:
         self.samples.setdefault(key, []).append(value)
 
 
-def build(variant: str, full_size: bool) -> Path:
+def build(variant: str, full_size: bool, device: str = "cpu") -> Path:
+    """The variant's random-weight checkpoint, made once (drawn on ``device`` when it is a GPU)."""
     path = CACHE / f"{variant}{'-full' if full_size else ''}"
     if not (path / "model.safetensors.index.json").exists():
-        make_checkpoint(path, variant, full_size=full_size)
+        shapes = official_tensor_shapes(official_config(variant, full_size=full_size))
+        bf16_bytes = 2 * sum(math.prod(shape) for shape in shapes.values())
+        # Shards of at most about 4 GB, as the hub's: making one holds it whole in memory.
+        shards = max(1, math.ceil(bf16_bytes / SHARD_BYTES))
+        draw_on = device if torch.device(device).type == "cuda" else "cpu"
+        make_checkpoint(path, variant, full_size=full_size, shards=shards, device=draw_on)
     return path
 
 
@@ -399,7 +410,7 @@ def worker(args: argparse.Namespace) -> int:
     variant, precision = args.worker.split("/")
     exact = fixed_mmap_threshold()
     with PeakMemory() as load_peak:
-        config = load(args.worker, build(variant, args.full_size), precision, args.device, args.gpu_memory)
+        config = load(args.worker, build(variant, args.full_size, args.device), precision, args.device, args.gpu_memory)
     after_load = max_rss_bytes()
     image = Image.new("RGB", (1024, 768), (120, 140, 160))
     with PeakMemory(device=_device(config.loaded)) as run_peak:
@@ -463,26 +474,34 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default="bench/results/bench.json")
     args = parser.parse_args(argv)
-    rounds = args.rounds or (2 if args.quick else 5)
+    args.rounds = args.rounds or (2 if args.quick else 5)
     args.decode_tokens = args.decode_tokens or (8 if args.quick else 34)
     torch.manual_seed(0)
     if args.emulate_gpu_gib:
         total = torch.cuda.get_device_properties(torch.device(args.device)).total_memory
-        torch.cuda.set_per_process_memory_fraction(args.emulate_gpu_gib * 2**30 / total, torch.device(args.device))
+        torch.cuda.set_per_process_memory_fraction(
+            args.emulate_gpu_gib * 2**30 / total, torch.device(args.device).index or 0
+        )
         args.gpu_memory = args.gpu_memory or f"{args.emulate_gpu_gib}GiB"
-    if args.worker:
-        return worker(args)
+    # Everything on the model's compute thread, where the app runs it (model/compute_thread.py).
+    return compute_thread.run(worker if args.worker else run_all, args)
+
+
+def run_all(args: argparse.Namespace) -> int:
+    """Floors, the memory runs, the interleaved timing rounds, the table and the JSON file."""
+    rounds = args.rounds
     device = torch.device(args.device)
     floors = machine_floors(device)
     print(json.dumps({"floors": floors}), flush=True)
     names = [f"{variant}/{precision}" for variant in args.variants for precision in args.precisions]
     for variant in args.variants:
-        build(variant, args.full_size)
+        build(variant, args.full_size, args.device)
     memory = {} if args.no_isolated_memory else {name: isolated_memory(args, name) for name in names}
-    configs = [
-        load(name, build(name.split("/")[0], args.full_size), name.split("/")[1], args.device, args.gpu_memory)
-        for name in names
-    ]
+    configs = []
+    for name in names:
+        variant, precision = name.split("/")
+        path = build(variant, args.full_size, args.device)
+        configs.append(load(name, path, precision, args.device, args.gpu_memory))
     control = Config(f"{configs[0].name} (A/A)", configs[0].loaded, configs[0].load_seconds)
     schedule = [*configs, control]
     image = Image.new("RGB", (1024, 768), (120, 140, 160))

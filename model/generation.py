@@ -1,20 +1,23 @@
-"""Streaming, cancellable generation on a background thread.
+"""Streaming, cancellable generation on the compute thread.
 
-``stream_reply`` runs ``model.generate`` in a thread and yields text as it is decoded
-(``TextIteratorStreamer``). ``cancel()`` sets an event that a ``StoppingCriteria`` checks after
-every decoding step, so the generate thread ends within one step of a cancel — the GPU is free
-again, not merely the UI.
+``stream_reply`` runs ``model.generate`` on the model's compute thread (``model/compute_thread.py``)
+and yields text as it is decoded (``TextIteratorStreamer``). ``cancel()`` sets an event that a
+``StoppingCriteria`` checks after every decoding step, so the generation ends within one step of
+a cancel — the GPU is free again, not merely the UI.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent import futures
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from . import compute_thread
 from .processing import EOS_TEXT, DeepseekVL2Processor, Message
 
 
@@ -67,7 +70,7 @@ class ReplyStream:
         self.text = ""
         self.error: BaseException | None = None
         self.steps_at_cancel: int | None = None
-        self.thread: threading.Thread | None = None
+        self.done: Future[None] | None = None  # the generation's job on the compute thread
 
     def cancel(self) -> None:
         if not self._cancel_event.is_set():
@@ -91,14 +94,17 @@ class ReplyStream:
         if tail:
             self.text += tail
             yield tail
-        if self.thread is not None:
-            self.thread.join()
+        self.join()
         if self.error is not None:
             raise self.error
 
+    @property
+    def running(self) -> bool:
+        return self.done is not None and not self.done.done()
+
     def join(self, timeout: float | None = None) -> None:
-        if self.thread is not None:
-            self.thread.join(timeout)
+        if self.done is not None:
+            futures.wait([self.done], timeout)
 
 
 def _split_safe(text: str) -> tuple[str, str]:
@@ -120,7 +126,9 @@ def stream_reply(
 ) -> ReplyStream:
     """Start generating the assistant's reply to ``conversation``; returns the stream at once."""
     settings = settings or GenerationSettings()
-    inputs = processor(conversation, system_prompt=system_prompt)
+    # On the compute thread like the generation itself (model/compute_thread.py says why); bad
+    # input still raises here, before anything starts.
+    inputs = compute_thread.run(processor, conversation, system_prompt=system_prompt)
     streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=False)
     event = cancel_event or threading.Event()
     criteria = CancelOnEvent(event)
@@ -147,8 +155,7 @@ def stream_reply(
             stream.error = exc
             streamer.end()
 
-    stream.thread = threading.Thread(target=run, name="vl2-generate", daemon=True)
-    stream.thread.start()
+    stream.done = compute_thread.submit(run)
     return stream
 
 

@@ -19,12 +19,20 @@ from typing import Literal
 import torch
 from torch import nn
 
+from . import compute_thread
 from .configuration import ConfigError, load_official_config, variant_name
 from .cpu_compute import apply_cpu_compute
 from .experts import RoutedExperts
 from .inspect import summarize
 from .modeling import DeepseekVL2ForCausalLM
-from .placement import Placement, PlacementError, apply_placement, parse_size, plan_for_model
+from .placement import (
+    Placement,
+    PlacementError,
+    apply_placement,
+    compute_share_on_cpu,
+    parse_size,
+    plan_for_model,
+)
 from .processing import DeepseekVL2Processor
 
 Quantization = Literal["4bit", "8bit"] | None
@@ -299,6 +307,31 @@ def load_model(
     ``gpu_memory`` (``"8GiB"``, ``"auto"``) is a budget for a CUDA device: when the model does not
     fit it, the routed experts of the first MoE layers stay on the CPU (``model/placement.py``).
     """
+    # On the compute thread, where the model will also run (model/compute_thread.py).
+    return compute_thread.run(
+        _load_model,
+        model_id_or_path,
+        device=device,
+        dtype=dtype,
+        quantization=quantization,
+        revision=revision,
+        attn_implementation=attn_implementation,
+        gpu_memory=gpu_memory,
+        progress=progress,
+    )
+
+
+def _load_model(
+    model_id_or_path: str | os.PathLike[str],
+    *,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    quantization: str | None = None,
+    revision: str | None = None,
+    attn_implementation: str = "sdpa",
+    gpu_memory: str | int | None = None,
+    progress: Progress | None = None,
+) -> LoadedModel:
     quantization = normalize_quantization(quantization)
     device = device or default_device()
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
@@ -362,6 +395,7 @@ def load_model(
         if leftovers:
             raise ModelLoadError(f"{len(leftovers)} expert weights were not quantized, e.g. {leftovers[:3]}")
     model.eval()
+    compute = None
     if placement is not None and placement.offloads:
         # Re-plan from the exact stored sizes now that they are known, then place.
         try:
@@ -371,10 +405,7 @@ def load_model(
             raise ModelLoadError(f"could not place {model_id_or_path} in the GPU budget: {exc}") from exc
         # The activation reserve assumes prefill in chunks.
         model.prefill_chunk_size = PLACED_PREFILL_CHUNK
-        # The CPU's share gets the CPU's GEMM dtype and decode kernels too, chosen once for all of it.
-        layers = model.language.model.layers
-        apply_cpu_compute(nn.ModuleList(layers[layer].mlp.experts for layer in placement.cpu_layers))
-    compute = None
+        compute = compute_share_on_cpu(model, placement, torch_dtype, via=device)
     if torch.device(device).type == "cpu":
         compute = apply_cpu_compute(model)
         # A CPU load leaves weights memory-mapped from the checkpoint. Every other weight is read

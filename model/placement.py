@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .cpu_compute import CpuComputePlan, apply_cpu_compute
+
 MIB, GIB = 2**20, 2**30
 # Outside PyTorch's allocator: the CUDA context and cuBLAS workspaces.
 CONTEXT_OVERHEAD = 512 * MIB
@@ -218,6 +220,58 @@ def _move_except(module: nn.Module, device: torch.device, keep: set[nn.Module]) 
     module._apply(lambda t: t.to(device), recurse=False)  # its own parameters and buffers only
     for child in module.children():
         _move_except(child, device, keep)
+
+
+def cpu_share(model: nn.Module, placement: Placement) -> nn.ModuleList:
+    """The routed experts ``placement`` leaves on the CPU, as one module."""
+    layers = model.language.model.layers
+    return nn.ModuleList(layers[layer].mlp.experts for layer in placement.cpu_layers)
+
+
+def unpack_4bit_linears(module: nn.Module, dtype: torch.dtype, via: str | torch.device | None = None) -> int:
+    """Replace every bitsandbytes 4-bit linear under ``module`` (on the CPU) by a plain ``nn.Linear``
+    holding its dequantized weight in ``dtype``; returns how many were replaced.
+
+    For the CPU's share of a placed model. In a CUDA process bitsandbytes loads its CUDA library,
+    which has no fused 4-bit CPU kernel: each product then dequantizes the whole matrix first
+    (measured on an H200 machine: full-size Small with 9 of 26 layers' experts on the CPU decoded
+    0.8 tokens/s). Plain linears get the CPU's own GEMM and the compiled one-row decode kernels,
+    for 4x the bytes of RAM. The values are the 4-bit ones, so the output stays that of the
+    quantized model. ``via`` (a GPU) dequantizes there: milliseconds per matrix instead of seconds
+    for the whole share.
+    """
+    import bitsandbytes.functional as bnb_functional
+
+    replaced = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__ != "Linear4bit":
+                continue
+            data, state = child.weight.data, child.weight.quant_state
+            if getattr(state, "packing_format_for_cpu", False):  # repacked for bitsandbytes' AVX512 CPU kernel
+                data, state = bnb_functional._convert_weight_packed_for_cpu_inverse(data, state)
+            if via is not None:
+                data = data.to(via)
+                state.to(via)  # in place
+            dense = bnb_functional.dequantize_4bit(data, state).to(device="cpu", dtype=dtype)
+            linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+            linear.weight = nn.Parameter(dense, requires_grad=False)
+            if child.bias is not None:
+                linear.bias = nn.Parameter(child.bias.detach().to(device="cpu", dtype=dtype), requires_grad=False)
+            setattr(parent, name, linear)
+            replaced += 1
+    return replaced
+
+
+def compute_share_on_cpu(
+    model: nn.Module, placement: Placement, dtype: torch.dtype, via: str | torch.device | None = None
+) -> CpuComputePlan | None:
+    """Ready the experts ``placement`` left on the CPU for computing there: 4-bit ones unpacked
+    (:func:`unpack_4bit_linears`), then the CPU's GEMM dtype and decode kernels, chosen once for
+    all of them (``model/cpu_compute.py``)."""
+    share = cpu_share(model, placement)
+    unpack_4bit_linears(share, dtype, via=via)
+    return apply_cpu_compute(share)
 
 
 def apply_placement(model: nn.Module, placement: Placement, gpu: str | torch.device, cpu: str = "cpu") -> None:

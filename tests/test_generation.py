@@ -31,7 +31,7 @@ def test_stream_yields_the_same_text_as_a_blocking_call(loaded_fp32):
     assert pieces, "no text streamed"
     assert "".join(pieces) == stream.text
     assert stream.text == generate_text(loaded.model, loaded.processor, conversation, settings)
-    assert not stream.thread.is_alive()
+    assert not stream.running
 
 
 def test_multi_turn_conversation_with_two_images(loaded_fp32):
@@ -65,7 +65,7 @@ def test_cancel_ends_the_generate_thread_within_one_step(loaded_fp32):
     stream.cancel()
     rest = list(iterator)  # ends because generation ended, not because we stopped reading
     stream.join()
-    assert not stream.thread.is_alive()
+    assert not stream.running
     assert stream.steps_at_cancel is not None
     assert stream.criteria.steps - stream.steps_at_cancel <= 1
     assert stream.criteria.steps < 400

@@ -12,6 +12,8 @@ from model.placement import (
     MIB,
     PlacementError,
     apply_placement,
+    compute_share_on_cpu,
+    cpu_share,
     kv_cache_bytes,
     model_costs,
     parse_size,
@@ -139,6 +141,35 @@ def test_hybrid_placement_of_a_4bit_model_matches_the_unplaced_one(checkpoints):
     inputs = reference.processor([Message("user", "Describe <image>", [_gradient_image(200, 300)])])
     with torch.no_grad():
         torch.testing.assert_close(placed.model(**inputs).logits, reference.model(**inputs).logits, rtol=0, atol=0)
+
+
+def test_a_4bit_models_cpu_share_is_unpacked_and_still_gives_the_quantized_output(checkpoints):
+    # bitsandbytes has no fused 4-bit CPU kernel in a CUDA process: the share becomes plain linears
+    # holding the 4-bit values, so the answer stays the quantized model's.
+    reference = load_model(checkpoints["tiny"], device="cpu", dtype="bf16", quantization="4bit")
+    placed = load_model(checkpoints["tiny"], device="cpu", dtype="bf16", quantization="4bit")
+    plan = _half_offloading_plan(placed.model)
+    apply_placement(placed.model, plan, gpu="cpu")
+    compute = compute_share_on_cpu(placed.model, plan, torch.bfloat16)
+    share = cpu_share(placed.model, plan)
+    assert not [m for m in share.modules() if type(m).__name__ == "Linear4bit"]
+    linears = [m for m in share.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert compute is not None and "decode" in compute.describe()
+    layers = placed.model.language.model.layers
+    kept_4bit = [layers[i].mlp.experts for i in range(len(layers)) if i not in plan.cpu_layers and i > 0]
+    assert any(type(m).__name__ == "Linear4bit" for experts in kept_4bit for m in experts.modules())
+    inputs = reference.processor([Message("user", "Describe <image>", [_gradient_image(200, 300)])])
+    outputs = {}
+    with torch.inference_mode():
+        for name, model in (("reference", reference.model), ("placed", placed.model)):
+            cache = model.new_cache()
+            prompt = model(**inputs, cache=cache, use_cache=True).logits
+            token = reference.processor.special.bos  # the same next token for both: one decode step
+            step = model.language(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True).logits
+            outputs[name] = (prompt.float(), step.float())
+    for got, expected in zip(outputs["placed"], outputs["reference"], strict=True):
+        assert ((got - expected).norm() / expected.norm()).item() < 2e-2
 
 
 @pytest.mark.parametrize("quantization", [None, "4bit"])

@@ -81,8 +81,8 @@ class LocalBackend:
                 raise BackendError(OOM_ADVICE) from exc
             finally:
                 # Reached on normal end, on error, and when the consumer stops early (Stop button,
-                # closed tab): the generate thread must end before the lane is released.
-                if stream.thread is not None and stream.thread.is_alive():
+                # closed tab): the generation must end before the lane is released.
+                if stream.running:
                     stream.cancel()
                 stream.join()
                 if torch.cuda.is_available():

@@ -1,0 +1,83 @@
+"""One long-lived thread for all of the model's work: loading, preprocessing and generation.
+
+PyTorch's CPU kernels run in parallel on OpenMP thread teams, and each Python thread that runs
+one gets a team of its own that lives as long as that thread. GNU OpenMP counts the threads of
+every team; once they outnumber the cores, an idle team member stops spinning almost at once
+and sleeps, so every parallel region has to wake its team from the kernel. A model loaded in one
+thread and run in another thus pays that wake-up on each of the thousands of small operations of
+a decode step (measured, full-size Tiny on 2 cores: 32-65 ms a token in the loading thread,
+111-140 ms in a fresh one; a 64×1280 multiply: 11 µs against 85 µs). Doing all the work on one
+thread keeps a single team, whichever threads (the app's workers, a CLI) ask for it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_jobs: queue.SimpleQueue[tuple[Future, Callable[..., Any], tuple, dict] | None] = queue.SimpleQueue()
+_thread: threading.Thread | None = None
+_start_lock = threading.Lock()
+# At exit, how long to let a running job (a generation not cancelled) finish before leaving anyway.
+EXIT_WAIT_SECONDS = 30.0
+
+
+def _serve() -> None:
+    while (job := _jobs.get()) is not None:
+        future, work, args, kwargs = job
+        if not future.set_running_or_notify_cancel():
+            continue
+        try:
+            result = work(*args, **kwargs)
+        except BaseException as exc:  # handed to whoever waits on the future
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+        del job, future, work, args, kwargs  # nothing of a finished job stays referenced while idle
+
+
+def _stop() -> None:
+    """End the thread before the interpreter finalizes: left running there, its OpenMP team and
+    PyTorch's native threads are torn down under it (seen: "terminate called without an active
+    exception", exit status 134, in about one run in four)."""
+    if _thread is not None:
+        _jobs.put(None)
+        _thread.join(EXIT_WAIT_SECONDS)
+
+
+def on_compute_thread() -> bool:
+    return threading.current_thread() is _thread
+
+
+def submit(work: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+    """Queue ``work`` for the compute thread (started on first use; a daemon, so that a running
+    generation never holds up the interpreter's exit). Jobs run one at a time, in order. From
+    the compute thread itself ``work`` runs at once: queued, it would wait for its own caller."""
+    global _thread
+    if on_compute_thread():
+        future: Future[T] = Future()
+        future.set_running_or_notify_cancel()
+        try:
+            future.set_result(work(*args, **kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
+    with _start_lock:
+        if _thread is None:
+            _thread = threading.Thread(target=_serve, name="vl2-compute", daemon=True)
+            _thread.start()
+            atexit.register(_stop)
+    queued: Future[T] = Future()
+    _jobs.put((queued, work, args, kwargs))
+    return queued
+
+
+def run(work: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``work(*args, **kwargs)`` on the compute thread, waiting for its result."""
+    return submit(work, *args, **kwargs).result()
