@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -54,3 +55,12 @@ def test_loading_preprocessing_and_generation_all_run_on_the_compute_thread(chec
     text = generate_text(loaded.model, loaded.processor, conversation, settings)
     on_the_thread = compute_thread.run(generate_text, loaded.model, loaded.processor, conversation, settings)
     assert "".join(pieces) == text == on_the_thread
+
+
+def test_the_thread_benchmark_times_both_ways_per_step(capsys):
+    from bench.threads import main
+
+    assert main(["--rounds", "1", "--tokens", "6"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(report["compute_thread_ms"]) == len(report["fresh_thread_ms"]) == 1
+    assert report["compute_thread_ms"][0] > 0 and report["fresh_over_compute_thread"] > 0
