@@ -30,6 +30,7 @@ from .placement import (
     PlacementError,
     apply_placement,
     compute_share_on_cpu,
+    cpu_share,
     parse_size,
     plan_for_model,
 )
@@ -396,6 +397,7 @@ def _load_model(
             raise ModelLoadError(f"{len(leftovers)} expert weights were not quantized, e.g. {leftovers[:3]}")
     model.eval()
     compute = None
+    placement_text = placement.describe() if placement is not None else ""
     if placement is not None and placement.offloads:
         # Re-plan from the exact stored sizes now that they are known, then place.
         try:
@@ -406,6 +408,9 @@ def _load_model(
         # The activation reserve assumes prefill in chunks.
         model.prefill_chunk_size = PLACED_PREFILL_CHUNK
         compute = compute_share_on_cpu(model, placement, torch_dtype, via=device)
+        held = sum(p.numel() * p.element_size() for p in cpu_share(model, placement).parameters())
+        placement_text = f"{placement.describe()}; held there in {str(torch_dtype).removeprefix('torch.')}: "
+        placement_text += f"{held / 2**30:.2f} GiB of RAM"
     if torch.device(device).type == "cpu":
         compute = apply_cpu_compute(model)
         # A CPU load leaves weights memory-mapped from the checkpoint. Every other weight is read
@@ -423,7 +428,7 @@ def _load_model(
         quantization=quantization,
         bytes_by_dtype=summary["by_dtype"],
         parts=summary["by_kind"],
-        placement=placement.describe() if placement is not None else "",
+        placement=placement_text,
         compute=compute.describe() if compute is not None else "",
     )
     return LoadedModel(model=model, processor=processor, info=load_info)

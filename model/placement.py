@@ -237,8 +237,8 @@ def unpack_4bit_linears(module: nn.Module, dtype: torch.dtype, via: str | torch.
     (measured on an H200 machine: full-size Small with 9 of 26 layers' experts on the CPU decoded
     0.8 tokens/s). Plain linears get the CPU's own GEMM and the compiled one-row decode kernels,
     for 4x the bytes of RAM. The values are the 4-bit ones, so the output stays that of the
-    quantized model. ``via`` (a GPU) dequantizes there: milliseconds per matrix instead of seconds
-    for the whole share.
+    quantized model. ``via`` (the GPU) does the dequantizing, rather than bitsandbytes' unfused
+    CPU path.
     """
     import bitsandbytes.functional as bnb_functional
 
