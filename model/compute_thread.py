@@ -24,8 +24,9 @@ T = TypeVar("T")
 _jobs: queue.SimpleQueue[tuple[Future, Callable[..., Any], tuple, dict] | None] = queue.SimpleQueue()
 _thread: threading.Thread | None = None
 _start_lock = threading.Lock()
-# At exit, how long to let a running job (a generation not cancelled) finish before leaving anyway.
-EXIT_WAIT_SECONDS = 30.0
+# At exit, how long a running job (a generation nobody cancelled) may hold up leaving; after that
+# the thread is left to the interpreter's teardown, as a daemon.
+EXIT_WAIT_SECONDS = 5.0
 
 
 def _serve() -> None:
@@ -34,12 +35,11 @@ def _serve() -> None:
         if not future.set_running_or_notify_cancel():
             continue
         try:
-            result = work(*args, **kwargs)
+            future.set_result(work(*args, **kwargs))
         except BaseException as exc:  # handed to whoever waits on the future
             future.set_exception(exc)
-        else:
-            future.set_result(result)
-        del job, future, work, args, kwargs  # nothing of a finished job stays referenced while idle
+        # Nothing of a finished job stays referenced while idle (a result can be a whole model).
+        del job, future, work, args, kwargs
 
 
 def _stop() -> None:
