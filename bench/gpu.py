@@ -85,6 +85,23 @@ def test_image():
     return image
 
 
+def timed_answer(loaded, conversation: list, tokens: int, penalty: float = 1.1) -> tuple[float, str]:
+    """Seconds and text of a greedy answer of exactly ``tokens`` tokens through the app's
+    generation path (``model.generation.generate_text``), the GPU's queue drained at both ends."""
+    from bench.__main__ import _device, _sync
+    from model.generation import GenerationSettings, generate_text
+
+    settings = GenerationSettings(
+        max_new_tokens=tokens, min_new_tokens=tokens, temperature=0.0, repetition_penalty=penalty
+    )
+    device = _device(loaded)
+    _sync(device)
+    start = time.perf_counter()
+    text = generate_text(loaded.model, loaded.processor, conversation, settings)
+    _sync(device)
+    return time.perf_counter() - start, text
+
+
 def budget_offloading(path: Path, groups: int, precision: str) -> int:
     """A GPU budget in bytes that leaves the routed experts of ``groups`` MoE layers on the CPU:
     exercises the hybrid path with a checkpoint small enough to fit anywhere."""
@@ -115,8 +132,7 @@ def answer(
     offloads ``offload_groups`` MoE layers' experts) and answer a grounding query."""
     import torch
 
-    from bench.__main__ import PRECISIONS, build
-    from model.generation import GenerationSettings, generate_text
+    from bench.__main__ import PRECISIONS, _sync, build
     from model.grounding import parse_grounding
     from model.loading import load_model
     from model.processing import Message
@@ -134,32 +150,18 @@ def answer(
             budget = budget_offloading(path, offload_groups, precision)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(place)
-
-    def synchronize() -> None:
-        if on_gpu:
-            torch.cuda.synchronize(place)
-
     dtype, quantization = PRECISIONS[precision]
     start = time.perf_counter()
     loaded = load_model(path, device=device, dtype=dtype, quantization=quantization, gpu_memory=budget)
-    synchronize()
+    _sync(place)
     load_s = time.perf_counter() - start
     print(f"loaded in {load_s:.1f} s: {loaded.info.summary()}; {loaded.info.placement}", file=sys.stderr, flush=True)
     image = test_image()
     conversation = [Message("user", GROUNDING_QUERY, [image])]
-
-    def run(tokens: int) -> tuple[float, str]:
-        settings = GenerationSettings(max_new_tokens=tokens, min_new_tokens=tokens, temperature=0.0)
-        synchronize()
-        start = time.perf_counter()
-        text = generate_text(loaded.model, loaded.processor, conversation, settings)
-        synchronize()
-        return time.perf_counter() - start, text
-
-    run(2)  # warm-up: kernels, allocator, the CPU share's first calls
+    timed_answer(loaded, conversation, 2)  # warm-up: kernels, allocator, the CPU share's first calls
     print("warm", file=sys.stderr, flush=True)
-    first_token = [run(1)[0] for _ in range(repeats)]
-    whole, text = run(new_tokens)
+    first_token = [timed_answer(loaded, conversation, 1)[0] for _ in range(repeats)]
+    whole, text = timed_answer(loaded, conversation, new_tokens)
     ttft = statistics.median(first_token)
     result = {
         "config": f"{variant}{'' if full_size else ' (reduced)'}/{precision} on {emulate_gib or budget or device}",
@@ -197,8 +199,7 @@ def profile_decode(variant: str, precision: str, new_tokens: int, device: str = 
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from bench.__main__ import PRECISIONS, build
-    from model.generation import GenerationSettings, generate_text
+    from bench.__main__ import PRECISIONS, _sync, _to_device, build
     from model.loading import load_model
     from model.processing import Message
 
@@ -208,36 +209,25 @@ def profile_decode(variant: str, precision: str, new_tokens: int, device: str = 
     model, processor = loaded.model, loaded.processor
     conversation = [Message("user", GROUNDING_QUERY, [test_image()])]
 
-    def synchronize() -> None:
-        if place.type == "cuda":
-            torch.cuda.synchronize(place)
-
     def generated(tokens: int, penalty: float) -> float:
-        settings = GenerationSettings(
-            max_new_tokens=tokens, min_new_tokens=tokens, temperature=0.0, repetition_penalty=penalty
-        )
-        synchronize()
-        start = time.perf_counter()
-        generate_text(model, processor, conversation, settings)
-        synchronize()
-        return time.perf_counter() - start
+        return timed_answer(loaded, conversation, tokens, penalty)[0]
 
     result = {}
     for penalty in (1.1, 1.0):
         generated(2, penalty)
         one, many = generated(1, penalty), generated(new_tokens, penalty)
         result[f"generate_penalty{penalty}_ms_per_token"] = round(1e3 * (many - one) / (new_tokens - 1), 2)
-    inputs = {k: v.to(place) if isinstance(v, torch.Tensor) else v for k, v in processor(conversation).items()}
+    inputs = _to_device(processor(conversation), place)
     with torch.inference_mode():
         cache = model.new_cache()
         out = model(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1:].argmax(-1)
         steps = []
         for _ in range(new_tokens):
-            synchronize()
+            _sync(place)
             start = time.perf_counter()
             token = model.language(input_ids=token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-            synchronize()
+            _sync(place)
             steps.append(time.perf_counter() - start)
     result["bare_loop_ms_per_token"] = round(1e3 * statistics.median(steps[2:]), 2)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if place.type == "cuda" else [])

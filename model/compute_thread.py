@@ -13,6 +13,7 @@ thread keeps a single team, whichever threads (the app's workers, a CLI) ask for
 from __future__ import annotations
 
 import atexit
+import functools
 import queue
 import threading
 from collections.abc import Callable
@@ -29,17 +30,19 @@ _start_lock = threading.Lock()
 EXIT_WAIT_SECONDS = 5.0
 
 
+def _complete(future: Future, work: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(work(*args, **kwargs))
+    except BaseException as exc:  # handed to whoever waits on the future
+        future.set_exception(exc)
+
+
 def _serve() -> None:
     while (job := _jobs.get()) is not None:
-        future, work, args, kwargs = job
-        if not future.set_running_or_notify_cancel():
-            continue
-        try:
-            future.set_result(work(*args, **kwargs))
-        except BaseException as exc:  # handed to whoever waits on the future
-            future.set_exception(exc)
-        # Nothing of a finished job stays referenced while idle (a result can be a whole model).
-        del job, future, work, args, kwargs
+        _complete(*job)
+        del job  # nothing of a finished job stays referenced while idle (a result can be a whole model)
 
 
 def _stop() -> None:
@@ -60,24 +63,29 @@ def submit(work: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
     generation never holds up the interpreter's exit). Jobs run one at a time, in order. From
     the compute thread itself ``work`` runs at once: queued, it would wait for its own caller."""
     global _thread
+    future: Future[T] = Future()
     if on_compute_thread():
-        future: Future[T] = Future()
-        future.set_running_or_notify_cancel()
-        try:
-            future.set_result(work(*args, **kwargs))
-        except BaseException as exc:
-            future.set_exception(exc)
+        _complete(future, work, args, kwargs)
         return future
     with _start_lock:
         if _thread is None:
             _thread = threading.Thread(target=_serve, name="vl2-compute", daemon=True)
             _thread.start()
             atexit.register(_stop)
-    queued: Future[T] = Future()
-    _jobs.put((queued, work, args, kwargs))
-    return queued
+    _jobs.put((future, work, args, kwargs))
+    return future
 
 
 def run(work: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     """``work(*args, **kwargs)`` on the compute thread, waiting for its result."""
     return submit(work, *args, **kwargs).result()
+
+
+def runs_on_compute_thread(function: Callable[..., T]) -> Callable[..., T]:
+    """Decorate ``function`` so that every call runs on the compute thread (see :func:`run`)."""
+
+    @functools.wraps(function)
+    def on_the_thread(*args: Any, **kwargs: Any) -> T:
+        return run(function, *args, **kwargs)
+
+    return on_the_thread
