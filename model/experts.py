@@ -59,16 +59,19 @@ class RoutedExperts(nn.ModuleList):
         )
         order = torch.argsort(flat_experts, stable=True)
         counts = torch.bincount(flat_experts, minlength=len(self)).tolist()
-        flat_weights = top_k_weights.reshape(-1)[order]
         tokens = token_of_slot[order]
+        # One gather for all experts, so that each expert's rows are a contiguous slice; and the
+        # weights in fp32, so that one multiply both upcasts an expert's output and weighs it.
+        sorted_hidden = hidden_states[tokens]
+        flat_weights = top_k_weights.reshape(-1)[order].float()[:, None]
         start = 0
         for expert_id, count in enumerate(counts):
             if count == 0:
                 continue
-            rows = tokens[start : start + count]
-            out = self[expert_id](hidden_states[rows])
-            mixed.index_add_(0, rows, out.float() * flat_weights[start : start + count, None].float())
-            start += count
+            end = start + count
+            out = self[expert_id](sorted_hidden[start:end])
+            mixed.index_add_(0, tokens[start:end], out * flat_weights[start:end])
+            start = end
         return mixed.to(hidden_states.dtype)
 
 

@@ -13,7 +13,7 @@ from transformers import DynamicCache
 
 from model import cpu_decode
 from model.cpu_decode import supports, use_decode_step
-from model.kv_cache import MIN_SPARE_TOKENS
+from model.kv_cache import DIM_MAJOR_SPARE_TOKENS, MIN_SPARE_TOKENS
 from model.loading import load_model
 from model.processing import Message
 
@@ -167,7 +167,12 @@ def test_long_answers_compile_nothing_after_load(tiny, monkeypatch):
             prompt = torch.randint(10, 500, (1, length))
             out = language(input_ids=prompt, cache=tiny.model.new_cache(), use_cache=True)
             language(input_ids=out.logits[:, -1:].argmax(-1), cache=out.cache, use_cache=True)
-    assert calls["first_stage"] == 3
+        # An answer that outgrows its cache's buffer twice, each time using up its last slot.
+        cache = tiny.model.new_cache()
+        out = language(input_ids=torch.randint(10, 500, (1, 5)), cache=cache, use_cache=True)
+        for _ in range(2 * DIM_MAJOR_SPARE_TOKENS + 3):
+            out = language(input_ids=out.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
+    assert calls["first_stage"] == 3 + 2 * DIM_MAJOR_SPARE_TOKENS + 3
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled
 
 

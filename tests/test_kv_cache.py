@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from model.kv_cache import MIN_SPARE_TOKENS, GrowingLayer
+from model.kv_cache import DIM_MAJOR_SPARE_TOKENS, MIN_SPARE_TOKENS, GrowingLayer
 
 from .test_model_forward import _left_padded_batch
 
@@ -27,18 +27,47 @@ def test_updates_return_the_same_keys_and_values_as_concatenation(values_dim_maj
     assert (growing.values.stride(-1) == 1) != values_dim_major  # dimension-major: tokens are contiguous
 
 
+def _room(values_dim_major: bool) -> int:
+    """The spare tokens a buffer gets past a short prompt."""
+    return DIM_MAJOR_SPARE_TOKENS if values_dim_major else MIN_SPARE_TOKENS
+
+
 @pytest.mark.parametrize("values_dim_major", [False, True])
 def test_steps_write_in_place_until_the_room_runs_out(values_dim_major):
+    room = _room(values_dim_major)
     layer = GrowingLayer(values_dim_major)
-    (prompt, prompt_values), *steps = _steps([4] + [1] * (MIN_SPARE_TOKENS + 1))
+    (prompt, prompt_values), *steps = _steps([4] + [1] * room)
     layer.update(prompt, prompt_values)
     buffer, value_buffer = layer._key_buffer, layer._value_buffer
-    for keys, values in steps[:MIN_SPARE_TOKENS]:
+    for keys, values in steps[: room - 1]:
         layer.update(keys, values)
         assert layer.keys.data_ptr() == buffer.data_ptr()  # no copy per step
         assert layer.values.data_ptr() == value_buffer.data_ptr()
+        assert layer.get_seq_length() < buffer.shape[-2]  # a slot always stays free
     layer.update(*steps[-1])
     assert layer._key_buffer is not buffer and layer._key_buffer.shape[-2] > buffer.shape[-2]
+
+
+@pytest.mark.parametrize("values_dim_major", [False, True])
+def test_a_buffer_is_never_filled_exactly(values_dim_major):
+    """Compiled decode graphs specialize on the cache's view being shorter than its buffer: a
+    buffer filled exactly compiled them again, in the middle of an answer."""
+    layer = GrowingLayer(values_dim_major)
+    for keys, values in _steps([7] + [1] * (2 * _room(values_dim_major) + 3)):
+        layer.update(keys, values)
+        assert layer.get_seq_length() < layer._key_buffer.shape[-2]
+        assert layer.get_seq_length() < layer._value_buffer.shape[-1 if values_dim_major else -2]
+
+
+def test_dimension_major_values_keep_little_spare_room_after_a_long_prompt():
+    """Their rows are read one after another by the decode attention; a quarter of spare room
+    between rows made the CPU's prefetchers lose the stream at every row."""
+    (keys, values), *_ = _steps([2000], batch=1)
+    dim_major, token_major = GrowingLayer(True), GrowingLayer(False)
+    dim_major.update(keys, values)
+    token_major.update(keys, values)
+    assert dim_major._value_buffer.shape[-1] - 2000 == DIM_MAJOR_SPARE_TOKENS
+    assert token_major._value_buffer.shape[-2] - 2000 == 500  # a quarter: copies stay rare
 
 
 @pytest.mark.parametrize("values_dim_major", [False, True])
