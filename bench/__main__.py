@@ -13,7 +13,8 @@ round; medians reported, with an A/A control (the first configuration measured t
 floor and CPU time beside wall time. Prefill is reported against the GEMM floor of the dtype it
 multiplies in, decode against the bandwidth floor for the bytes a step reads (weights and cache);
 the floors are measured again in every round beside the work, each ratio is taken within its round
-and the median reported, since a shared machine's bandwidth drifts. Random weights: speeds and
+and the median reported, since a shared machine's bandwidth drifts; decode steps are each paired
+with one read of the floor's tensor timed just before them, since it drifts within seconds. Random weights: speeds and
 bytes are meaningful, answers are not.
 """
 
@@ -79,7 +80,7 @@ def machine_floors(device: torch.device, seconds: float = 0.3) -> dict[str, floa
             _sync(device)
 
         floors[f"{name}_gemm_gflops"] = round(_rate(gemm, seconds) * 2 * size**3 / 1e9, 1)
-    source = torch.ones(64 * 2**20 if device.type == "cpu" else 512 * 2**20, device=device)
+    source = read_source(device)
 
     def read():
         source.sum()
@@ -87,6 +88,20 @@ def machine_floors(device: torch.device, seconds: float = 0.3) -> dict[str, floa
 
     floors["memory_read_gb_per_s"] = round(_rate(read, seconds) * source.numel() * 4 / 1e9, 1)
     return floors
+
+
+def read_source(device: torch.device) -> torch.Tensor:
+    """What the bandwidth floor reads: far larger than any cache (256 MB on a CPU, 2 GB on a GPU)."""
+    return torch.ones(64 * 2**20 if device.type == "cpu" else 512 * 2**20, device=device)
+
+
+def read_once_gb_per_s(source: torch.Tensor) -> float:
+    """One timed read of ``source``: the bandwidth floor at this moment."""
+    _sync(source.device)
+    start = time.perf_counter()
+    source.sum()
+    _sync(source.device)
+    return source.numel() * source.element_size() / (time.perf_counter() - start) / 1e9
 
 
 @dataclass(frozen=True)
@@ -225,19 +240,30 @@ def measure(
         config.record("prefill_vs_gemm_floor", config.samples["prefill_s"][-1] / prefill_floor)
         cache, token = out.cache, out.logits[:, -1:].argmax(-1)
         prompt_cache_bytes = _cache_bytes(cache)
-        steps = []
-        for _ in range(decode_tokens):  # a fixed length: random weights would stop at arbitrary eos
+        # Each step is paired with the floor's read timed just before it: the machine's bandwidth
+        # swings by 2-3x within seconds (16-50 GB/s in one run on the 2-core EPYC), so a floor
+        # taken at the start of the round, half a minute earlier, mostly measured the swing.
+        source, steps, ratios, reads = read_source(device), [], [], []
+        for index in range(decode_tokens):  # a fixed length: random weights would stop at arbitrary eos
+            reads.append(read_once_gb_per_s(source))
             start = time.perf_counter()
             out = model.language(input_ids=token, cache=cache, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
             _sync(device)
             steps.append(time.perf_counter() - start)
+            step_cache_bytes = prompt_cache_bytes * (1 + index / embeds.shape[1])
+            floor_ms = config.costs.decode_floor_ms({"memory_read_gb_per_s": reads[-1]}, step_cache_bytes)
+            ratios.append(1e3 * steps[-1] / floor_ms)
+        del source
         config.record("decode_ms_per_token", 1e3 * statistics.median(steps[2:] or steps))
+        config.record("decode_vs_bandwidth_floor", statistics.median(ratios[2:] or ratios))
+        config.record("decode_floor_read_gb_per_s", statistics.median(reads[2:] or reads))
         # A step also reads the whole cache: count it at the middle of the decoded stretch.
         cache_bytes = prompt_cache_bytes * (1 + decode_tokens / 2 / embeds.shape[1])
         config.record("decode_cache_mb", cache_bytes / MB)
-        decode_floor_ms = config.costs.decode_floor_ms(floors, cache_bytes)
-        config.record("decode_vs_bandwidth_floor", config.samples["decode_ms_per_token"][-1] / decode_floor_ms)
+        # Against the floor read at the start of the round, as this harness first reported it.
+        round_floor_ms = config.costs.decode_floor_ms(floors, cache_bytes)
+        config.record("decode_vs_round_floor", config.samples["decode_ms_per_token"][-1] / round_floor_ms)
         if compare_decoders and getattr(model.language, "decode_step", None) is not None:
             ratios = paired_decoders(model, cache, token, positions=8)
             config.record("decode_per_module_over_whole_step", statistics.median(ratios))
@@ -543,7 +569,8 @@ def run_all(args: argparse.Namespace) -> int:
         )
     header = ["config", "weights_gb", "peak_anon_gb", "load_s", "vision_per_tile_s", "vision_vs_gemm_floor",
               "prefill_s", "prefill_vs_gemm_floor",
-              "decode_ms_per_token", "decode_vs_bandwidth_floor", "decode_per_module_over_whole_step", "logit_error",
+              "decode_ms_per_token", "decode_vs_bandwidth_floor", "decode_vs_round_floor",
+              "decode_per_module_over_whole_step", "logit_error",
               "logit_error_vs", "cpu_over_wall"]  # fmt: skip
     print(" | ".join(header))
     for row in rows:

@@ -1,0 +1,149 @@
+"""Where a CPU decode step of Tiny loses time against the bandwidth floor: read speeds of its parts.
+
+    python -m bench.decode_parts [--full-size] [--rounds 33] [--prompt-tokens 1433]
+
+Loads Tiny in bf16 and prefills a prompt of random tokens. Then, in rounds that rotate which layer
+each part reads (so that no part finds another's data in the cache) and alternate their order, it
+times:
+
+* ``sum``: the floor's read (``machine_floors``);
+* ``lm_head``: the compiled one-row product over ``lm_head``, the largest single read of a step;
+* ``attention``: the compiled one-query attention over one layer's cached keys and values;
+* ``routed experts``: one token's six routed experts, as one compiled call;
+* ``moe stage``: the whole-step decoder's graph for one MoE layer (``model/cpu_decode.py``):
+  experts, residual, next norm, attention and router, as a step calls it;
+* ``step``: a whole decode step.
+
+Each is reported as GB/s of the bytes it must read, and as its median ratio to ``sum`` timed in
+the same round. Everything runs on the compute thread, as the app does: timed from another thread,
+a second OpenMP team makes every parallel region slower (``model/compute_thread.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from model import compute_thread
+from model.cpu_decode import _norm, step_graphs
+from model.cpu_kernels import decode_kernels, product_weight, swiglu_weights
+from model.loading import load_model
+
+from .__main__ import _cache_bytes, build, step_costs
+
+
+def _bytes(tensors) -> float:
+    return float(sum(t.numel() * t.element_size() for t in tensors))
+
+
+def measure(full_size: bool, rounds: int, prompt_tokens: int) -> dict[str, dict[str, float]]:
+    model = load_model(build("tiny", full_size), device="cpu", dtype="bf16").model
+    language = model.language
+    text, step, graphs = language.model, language.decode_step, step_graphs()
+    if step is None:
+        raise SystemExit("the whole-step CPU decoder is not in use (see the model's compute summary)")
+    weight_dtype = language.lm_head.weight.dtype
+    kernels, _ = decode_kernels({weight_dtype})
+    floor_source = torch.ones(64 * 2**20)
+    generator = torch.Generator().manual_seed(0)
+    moe_layers = [i for i, layer in enumerate(text.layers) if hasattr(layer.mlp, "experts")]
+    samples: dict[str, list[float]] = {}
+    ratios: dict[str, list[float]] = {}
+    with torch.inference_mode():
+        prompt = torch.randint(100, 1000, (1, prompt_tokens), generator=generator)
+        out = language(input_ids=prompt, cache=model.new_cache(), use_cache=True, logits_to_keep=1)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        hidden_size = language.config.hidden_size
+        hidden = torch.randn(hidden_size, dtype=weight_dtype, generator=generator)
+        x = torch.randn(hidden_size, dtype=weight_dtype, generator=generator)
+        cos, sin = text.rotary_emb(hidden[None, None], torch.full((1, 1), prompt_tokens))
+        allowed = torch.ones(1, 1, 1, prompt_tokens + 1, dtype=torch.bool)
+        rotary = (cos.reshape(-1), sin.reshape(-1), torch.tensor([prompt_tokens]), allowed)
+        lm_head = product_weight(language.lm_head)
+        top_k = language.config.num_experts_per_tok
+
+        def parts(round_index: int) -> list[tuple[str, Callable[[], object], float]]:
+            def layer(offset: int) -> int:
+                return moe_layers[(round_index * 5 + offset) % len(moe_layers)]
+
+            routed_layer = text.layers[layer(0)].mlp
+            chosen = torch.randperm(len(routed_layer.experts), generator=generator)[:top_k].tolist()
+            routed = [w for e in chosen for w in swiglu_weights(routed_layer.experts[e])]
+            mixing = torch.full((top_k,), 1.0 / top_k)
+            attention_layer = cache.layers[layer(2)]
+            keys, values = attention_layer.keys, attention_layer.values
+            query = torch.randn(1, keys.shape[1], 1, keys.shape[-1], dtype=weight_dtype, generator=generator)
+            scale = keys.shape[-1] ** -0.5
+            stage_index = layer(4)
+            stage_layer = text.layers[stage_index]
+            stage_routed = [w for e in chosen for w in swiglu_weights(stage_layer.mlp.experts[e])]
+            shared = swiglu_weights(stage_layer.mlp.shared_experts)
+            attention = stage_layer.self_attn
+            stage_bytes = _bytes(stage_routed + list(shared)) + _bytes(
+                [getattr(attention, n).weight for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+                + [stage_layer.mlp.gate.weight, cache.layers[stage_index].keys, cache.layers[stage_index].values]
+            )
+
+            def stage() -> None:
+                arguments = step._attention(stage_index, cache)
+                norm = _norm(stage_layer.input_layernorm)
+                graphs.moe_stage(
+                    hidden, x, mixing, stage_routed, shared, norm, arguments, rotary, step._router(stage_index)
+                )
+                cache.layers[stage_index].crop(-1)
+
+            def whole_step() -> None:
+                language(input_ids=token, cache=cache, use_cache=True)
+                cache.crop(-1)
+
+            return [
+                ("sum", floor_source.sum, _bytes([floor_source])),
+                ("lm_head", lambda: kernels.one_row_product(x, lm_head), _bytes([lm_head])),
+                (
+                    "attention",
+                    lambda: kernels.one_query_attention(query, keys, values, scale, allowed[..., :-1]),
+                    _bytes([keys, values]),
+                ),
+                ("routed experts", lambda: kernels.routed_one_row(x, mixing, routed), _bytes(routed)),
+                ("moe stage", stage, stage_bytes),
+                ("step", whole_step, step_costs(model)[1] + _cache_bytes(cache)),
+            ]
+
+        order = [name for name, _, _ in parts(0)]
+        for round_index in range(rounds + 2):  # the first two warm up
+            speeds = {}
+            for name, work, nbytes in parts(round_index)[:: 1 if round_index % 2 else -1]:
+                start = time.perf_counter()
+                work()
+                speeds[name] = nbytes / (time.perf_counter() - start) / 1e9
+            if round_index < 2:
+                continue
+            for name, speed in speeds.items():
+                samples.setdefault(name, []).append(speed)
+                ratios.setdefault(name, []).append(speed / speeds["sum"])
+    return {
+        name: {"gb_per_s": statistics.median(samples[name]), "of_sum": statistics.median(ratios[name])}
+        for name in order
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.decode_parts", description=__doc__.split("\n")[0])
+    parser.add_argument("--full-size", action="store_true")
+    parser.add_argument("--rounds", type=int, default=33)
+    parser.add_argument("--prompt-tokens", type=int, default=1433)
+    args = parser.parse_args(argv)
+    result = compute_thread.run(measure, args.full_size, args.rounds, args.prompt_tokens)
+    for name, row in result.items():
+        print(f"{name:15s} {row['gb_per_s']:6.1f} GB/s  {row['of_sum']:.2f} of sum")
+    print(json.dumps({name: {key: round(value, 2) for key, value in row.items()} for name, row in result.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
