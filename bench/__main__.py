@@ -14,8 +14,8 @@ floor and CPU time beside wall time. Prefill is reported against the GEMM floor 
 multiplies in, decode against the bandwidth floor for the bytes a step reads (weights and cache);
 the floors are measured again in every round beside the work, each ratio is taken within its round
 and the median reported, since a shared machine's bandwidth drifts; decode steps are each paired
-with one read of the floor's tensor timed just before them, since it drifts within seconds. Random weights: speeds and
-bytes are meaningful, answers are not.
+with one read of the floor's tensor timed just before them, since it drifts within seconds.
+Random weights: speeds and bytes are meaningful, answers are not.
 """
 
 from __future__ import annotations
@@ -243,7 +243,7 @@ def measure(
         # Each step is paired with the floor's read timed just before it: the machine's bandwidth
         # swings by 2-3x within seconds (16-50 GB/s in one run on the 2-core EPYC), so a floor
         # taken at the start of the round, half a minute earlier, mostly measured the swing.
-        source, steps, ratios, reads = read_source(device), [], [], []
+        source, steps, step_ratios, reads = read_source(device), [], [], []
         for index in range(decode_tokens):  # a fixed length: random weights would stop at arbitrary eos
             reads.append(read_once_gb_per_s(source))
             start = time.perf_counter()
@@ -253,10 +253,10 @@ def measure(
             steps.append(time.perf_counter() - start)
             step_cache_bytes = prompt_cache_bytes * (1 + index / embeds.shape[1])
             floor_ms = config.costs.decode_floor_ms({"memory_read_gb_per_s": reads[-1]}, step_cache_bytes)
-            ratios.append(1e3 * steps[-1] / floor_ms)
+            step_ratios.append(1e3 * steps[-1] / floor_ms)
         del source
         config.record("decode_ms_per_token", 1e3 * statistics.median(steps[2:] or steps))
-        config.record("decode_vs_bandwidth_floor", statistics.median(ratios[2:] or ratios))
+        config.record("decode_vs_bandwidth_floor", statistics.median(step_ratios[2:] or step_ratios))
         config.record("decode_floor_read_gb_per_s", statistics.median(reads[2:] or reads))
         # A step also reads the whole cache: count it at the middle of the decoded stretch.
         cache_bytes = prompt_cache_bytes * (1 + decode_tokens / 2 / embeds.shape[1])
