@@ -34,7 +34,7 @@ from model.cpu_decode import _norm, step_graphs
 from model.cpu_kernels import decode_kernels, product_weight, swiglu_weights
 from model.loading import load_model
 
-from .__main__ import _cache_bytes, build, step_costs
+from .__main__ import _cache_bytes, build, read_source, step_costs
 
 
 def _bytes(tensors) -> float:
@@ -49,7 +49,7 @@ def measure(full_size: bool, rounds: int, prompt_tokens: int) -> dict[str, dict[
         raise SystemExit("the whole-step CPU decoder is not in use (see the model's compute summary)")
     weight_dtype = language.lm_head.weight.dtype
     kernels, _ = decode_kernels({weight_dtype})
-    floor_source = torch.ones(64 * 2**20)
+    floor_source = read_source(torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)
     moe_layers = [i for i, layer in enumerate(text.layers) if hasattr(layer.mlp, "experts")]
     samples: dict[str, list[float]] = {}
@@ -66,6 +66,7 @@ def measure(full_size: bool, rounds: int, prompt_tokens: int) -> dict[str, dict[
         rotary = (cos.reshape(-1), sin.reshape(-1), torch.tensor([prompt_tokens]), allowed)
         lm_head = product_weight(language.lm_head)
         top_k = language.config.num_experts_per_tok
+        step_bytes = step_costs(model)[1] + _cache_bytes(cache)  # every part restores the cache
 
         def parts(round_index: int) -> list[tuple[str, Callable[[], object], float]]:
             def layer(offset: int) -> int:
@@ -111,13 +112,13 @@ def measure(full_size: bool, rounds: int, prompt_tokens: int) -> dict[str, dict[
                 ),
                 ("routed experts", lambda: kernels.routed_one_row(x, mixing, routed), _bytes(routed)),
                 ("moe stage", stage, stage_bytes),
-                ("step", whole_step, step_costs(model)[1] + _cache_bytes(cache)),
+                ("step", whole_step, step_bytes),
             ]
 
-        order = [name for name, _, _ in parts(0)]
         for round_index in range(rounds + 2):  # the first two warm up
-            speeds = {}
-            for name, work, nbytes in parts(round_index)[:: 1 if round_index % 2 else -1]:
+            named = parts(round_index)
+            order, speeds = [name for name, _, _ in named], {}
+            for name, work, nbytes in named[:: 1 if round_index % 2 else -1]:
                 start = time.perf_counter()
                 work()
                 speeds[name] = nbytes / (time.perf_counter() - start) / 1e9
