@@ -1,6 +1,6 @@
 """Where a CPU decode step of Tiny loses time against the bandwidth floor: read speeds of its parts.
 
-    python -m bench.decode_parts [--full-size] [--rounds 33] [--prompt-tokens 1433]
+    python -m bench.decode_parts [--full-size] [--rounds 33] [--prompt-tokens 1433] [--split]
 
 Loads Tiny in bf16 and prefills a prompt of random tokens. Then, in rounds that rotate which layer
 each part reads (so that no part finds another's data in the cache) and alternate their order, it
@@ -17,6 +17,17 @@ times:
 Each is reported as GB/s of the bytes it must read, and as its median ratio to ``sum`` timed in
 the same round. Everything runs on the compute thread, as the app does: timed from another thread,
 a second OpenMP team makes every parallel region slower (``model/compute_thread.py``).
+
+A part timed alone also pays what a call costs after a large read (Python's objects are no
+longer in the CPU's caches): about 0.2 ms, most of the attention's time. Where a whole step's time
+goes is what ``--split`` shows:
+
+    TORCHINDUCTOR_CPP_ENABLE_KERNEL_PROFILE=1 python -m bench.decode_parts --full-size --split
+
+profiles a few steps and splits their time into Inductor's kernels (named per graph, each layer's
+stage fused into about one kernel) and everything else: Python between the graphs, dynamo's guard
+checks, the graphs' own wrappers, ``topk``. The environment variable must be set before the
+kernels compile (it changes Inductor's cache key); the profiler adds a little to the rest.
 """
 
 from __future__ import annotations
@@ -133,12 +144,50 @@ def measure(full_size: bool, rounds: int, prompt_tokens: int) -> dict[str, dict[
     }
 
 
+def split_step(full_size: bool, prompt_tokens: int, steps: int = 8) -> dict[str, float]:
+    """Milliseconds a decode step spends in Inductor's kernels and outside them (``--split``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = load_model(build("tiny", full_size), device="cpu", dtype="bf16").model
+    language = model.language
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        prompt = torch.randint(100, 1000, (1, prompt_tokens), generator=generator)
+        out = language(input_ids=prompt, cache=model.new_cache(), use_cache=True, logits_to_keep=1)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        walls = []
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            for _ in range(steps):
+                start = time.perf_counter()
+                language(input_ids=token, cache=cache, use_cache=True)
+                walls.append(time.perf_counter() - start)
+                cache.crop(-1)
+    # Inductor names a profiled kernel after its graph and its fused operations.
+    kernel_us = sum(e.self_cpu_time_total for e in profiler.key_averages() if "cpp_fused" in e.key)
+    step_ms = statistics.median(walls) * 1e3
+    in_kernels_ms = kernel_us / 1e3 / steps
+    return {"step_ms": step_ms, "in_kernels_ms": in_kernels_ms, "outside_ms": step_ms - in_kernels_ms}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.decode_parts", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.decode_parts", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--full-size", action="store_true")
     parser.add_argument("--rounds", type=int, default=33)
     parser.add_argument("--prompt-tokens", type=int, default=1433)
+    parser.add_argument("--split", action="store_true", help="split a step into kernels and the rest (see above)")
     args = parser.parse_args(argv)
+    if args.split:
+        split = compute_thread.run(split_step, args.full_size, args.prompt_tokens)
+        if split["in_kernels_ms"] == 0:
+            raise SystemExit("no kernel times: set TORCHINDUCTOR_CPP_ENABLE_KERNEL_PROFILE=1 (see --help)")
+        print(
+            f"step {split['step_ms']:.1f} ms: {split['in_kernels_ms']:.1f} ms in compiled kernels, "
+            f"{split['outside_ms']:.1f} ms ({split['outside_ms'] / split['step_ms']:.0%}) outside them"
+        )
+        print(json.dumps({key: round(value, 2) for key, value in split.items()}))
+        return 0
     result = compute_thread.run(measure, args.full_size, args.rounds, args.prompt_tokens)
     for name, row in result.items():
         print(f"{name:15s} {row['gb_per_s']:6.1f} GB/s  {row['of_sum']:.2f} of sum")
