@@ -17,15 +17,15 @@ as one compiled graph per layer boundary. Each graph does:
 or, after the last layer, the final norm and ``lm_head``. Between graphs Python only looks up the
 experts the router chose. A step of full-size Tiny is 13 compiled calls; Inductor fuses each
 layer's stage into about one kernel. On the 2-core EPYC a step takes 51-63 ms when ``sum`` reads
-about 30 GB/s and 39-61 ms when it reads 40-52 GB/s: profiled (``python -m bench.decode_parts --split``),
-about four fifths of it is in those kernels, which convert each bf16 weight to fp32 before multiplying and top out near
-37 GB/s even with the weights in cache, and the rest is Python between the graphs, dynamo's guard
-checks (about 0.15 ms a call) and the graphs' wrappers, all slowed by caches the weights have just
-flushed. (Three calls per layer, with the cache written from Python between them, ran as fast:
-paired ratio 1.00. Tried and not faster, paired: the whole step as one graph with each layer's
-experts stacked and gathered inside it, 1.28x the time and 134 s to compile; an AVX512-BF16
-kernel for a layer's experts called from the graphs, 0.97-1.02x: it reads 1.5x faster alone but
-splits the fused kernels around it.)
+about 30 GB/s and 39-61 ms when it reads 40-52 GB/s: profiled (``python -m bench.decode_parts
+--split``), about four fifths of it is in those kernels, which convert each bf16 weight to fp32
+before multiplying and top out near 37 GB/s even with the weights in cache, and the rest is Python
+between the graphs, dynamo's guard checks (about 0.15 ms a call) and the graphs' wrappers, all
+slowed by caches the weights have just flushed. (Three calls per layer, with the cache written from
+Python between them, ran as fast: paired ratio 1.00. Tried and not faster, paired: the whole step
+as one graph with each layer's experts stacked and gathered inside it, 1.28x the time and 134 s to
+compile; an AVX512-BF16 kernel for a layer's experts called from the graphs, 0.97-1.02x: it reads
+1.5x faster alone but splits the fused kernels around it.)
 
 Products with bitsandbytes 4-bit layers (NF4) call the same CPU kernel ``Linear4bit`` calls, as
 an external kernel inside the graphs; full-size Tiny NF4 steps took 49.4 ms instead of 54.3
