@@ -52,8 +52,18 @@ def _bytes(tensors) -> float:
     return float(sum(t.numel() * t.element_size() for t in tensors))
 
 
-def measure(full_size: bool, rounds: int, prompt_tokens: int) -> dict[str, dict[str, float]]:
+def _prefilled(full_size: bool, prompt_tokens: int, generator: torch.Generator):
+    """Tiny loaded in bf16 with a prompt of random tokens prefilled: (model, cache, next token)."""
     model = load_model(build("tiny", full_size), device="cpu", dtype="bf16").model
+    with torch.inference_mode():
+        prompt = torch.randint(100, 1000, (1, prompt_tokens), generator=generator)
+        out = model.language(input_ids=prompt, cache=model.new_cache(), use_cache=True, logits_to_keep=1)
+    return model, out.cache, out.logits[:, -1:].argmax(-1)
+
+
+def measure(full_size: bool, rounds: int, prompt_tokens: int) -> dict[str, dict[str, float]]:
+    generator = torch.Generator().manual_seed(0)
+    model, cache, token = _prefilled(full_size, prompt_tokens, generator)
     language = model.language
     text, step, graphs = language.model, language.decode_step, step_graphs()
     if step is None:
@@ -61,14 +71,10 @@ def measure(full_size: bool, rounds: int, prompt_tokens: int) -> dict[str, dict[
     weight_dtype = language.lm_head.weight.dtype
     kernels, _ = decode_kernels({weight_dtype})
     floor_source = read_source(torch.device("cpu"))
-    generator = torch.Generator().manual_seed(0)
     moe_layers = [i for i, layer in enumerate(text.layers) if hasattr(layer.mlp, "experts")]
     samples: dict[str, list[float]] = {}
     ratios: dict[str, list[float]] = {}
     with torch.inference_mode():
-        prompt = torch.randint(100, 1000, (1, prompt_tokens), generator=generator)
-        out = language(input_ids=prompt, cache=model.new_cache(), use_cache=True, logits_to_keep=1)
-        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
         hidden_size = language.config.hidden_size
         hidden = torch.randn(hidden_size, dtype=weight_dtype, generator=generator)
         x = torch.randn(hidden_size, dtype=weight_dtype, generator=generator)
@@ -148,13 +154,9 @@ def split_step(full_size: bool, prompt_tokens: int, steps: int = 8) -> dict[str,
     """Milliseconds a decode step spends in Inductor's kernels and outside them (``--split``)."""
     from torch.profiler import ProfilerActivity, profile
 
-    model = load_model(build("tiny", full_size), device="cpu", dtype="bf16").model
+    model, cache, token = _prefilled(full_size, prompt_tokens, torch.Generator().manual_seed(0))
     language = model.language
-    generator = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        prompt = torch.randint(100, 1000, (1, prompt_tokens), generator=generator)
-        out = language(input_ids=prompt, cache=model.new_cache(), use_cache=True, logits_to_keep=1)
-        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
         walls = []
         with profile(activities=[ProfilerActivity.CPU]) as profiler:
             for _ in range(steps):
