@@ -37,8 +37,10 @@ import torch
 from PIL import Image
 
 from model import compute_thread
+from model.cpu_decode import TinyDecodeStep, step_graphs, warm_up
 from model.cpu_kernels import CpuLinear
 from model.loading import LoadedModel, load_model
+from model.native_decode import NativeDecodeStep
 from model.processing import Message
 from model.testing import make_checkpoint, official_config, official_tensor_shapes
 
@@ -142,6 +144,8 @@ class Config:
     load_seconds: float
     samples: dict[str, list[float]] = field(default_factory=dict)
     costs: Costs = field(init=False)
+    # --compare-decoders on a model with the native step: the compiled step beside it, made once.
+    compiled_step: TinyDecodeStep | None = None
 
     def __post_init__(self) -> None:
         self.costs = Costs.of(self.loaded.model)
@@ -267,6 +271,10 @@ def measure(
         if compare_decoders and getattr(model.language, "decode_step", None) is not None:
             ratios = paired_decoders(model, cache, token, positions=8)
             config.record("decode_per_module_over_whole_step", statistics.median(ratios))
+            if isinstance(model.language.decode_step, NativeDecodeStep):
+                config.compiled_step = config.compiled_step or compiled_step(model.language)
+                ratios = paired_decoders(model, cache, token, positions=8, other=config.compiled_step)
+                config.record("decode_compiled_over_native", statistics.median(ratios))
     config.record("cpu_over_wall", (time.process_time() - cpu) / (time.perf_counter() - wall))
 
 
@@ -373,22 +381,22 @@ def prefill_dtype(model: torch.nn.Module) -> str:
     return "fp32" if model.get_input_embeddings().weight.dtype == torch.float32 else "bf16"
 
 
-def paired_decoders(model: torch.nn.Module, cache, token: torch.Tensor, positions: int) -> list[float]:
-    """At each of ``positions`` cache positions, one step through the per-module kernels and one
-    through the whole-step decoder (model/cpu_decode.py), alternating which goes first, each
-    from the same cache position (the step's token is cropped off again); then the cache
-    advances. Returns the per-module/whole-step time ratios: paired at the same position."""
+def paired_decoders(model: torch.nn.Module, cache, token: torch.Tensor, positions: int, other=None) -> list[float]:
+    """At each of ``positions`` cache positions, one step through ``other`` (``None``: the
+    per-module kernels) and one through the installed whole-step decoder, alternating which goes
+    first, each from the same cache position (the step's token is cropped off again); then the
+    cache advances. Returns the other/installed time ratios: paired at the same position."""
     language = model.language
     whole_step = language.decode_step
     ratios = []
     try:
         for position in range(positions):
             seconds = {}
-            for decoder in (whole_step, None) if position % 2 else (None, whole_step):
+            for decoder in (whole_step, other) if position % 2 else (other, whole_step):
                 language.decode_step = decoder
                 start = time.perf_counter()
                 language(input_ids=token, cache=cache, use_cache=True)
-                seconds[decoder is None] = time.perf_counter() - start
+                seconds[decoder is other] = time.perf_counter() - start
                 cache.crop(-1)
             language.decode_step = whole_step
             token = language(input_ids=token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
@@ -396,6 +404,14 @@ def paired_decoders(model: torch.nn.Module, cache, token: torch.Tensor, position
     finally:
         language.decode_step = whole_step
     return ratios
+
+
+def compiled_step(language: torch.nn.Module) -> TinyDecodeStep:
+    """The compiled whole step (model/cpu_decode.py) for a model that decodes with the native one,
+    compiled and checked as at load."""
+    step = TinyDecodeStep(language, step_graphs())
+    warm_up(language, step)
+    return step
 
 
 def logit_error(logits: dict[str, torch.Tensor], name: str) -> tuple[float, str] | None:
@@ -495,7 +511,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--compare-decoders",
         action="store_true",
-        help="time CPU Tiny decode steps through the per-module kernels too, paired position by position",
+        help="time CPU Tiny decode steps through the per-module kernels too (and the compiled step beside the"
+        " native one), paired position by position",
     )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default="bench/results/bench.json")
@@ -570,7 +587,7 @@ def run_all(args: argparse.Namespace) -> int:
     header = ["config", "weights_gb", "peak_anon_gb", "load_s", "vision_per_tile_s", "vision_vs_gemm_floor",
               "prefill_s", "prefill_vs_gemm_floor",
               "decode_ms_per_token", "decode_vs_bandwidth_floor", "decode_vs_round_floor",
-              "decode_per_module_over_whole_step", "logit_error",
+              "decode_per_module_over_whole_step", "decode_compiled_over_native", "logit_error",
               "logit_error_vs", "cpu_over_wall"]  # fmt: skip
     print(" | ".join(header))
     for row in rows:

@@ -1,6 +1,6 @@
 """Where a CPU decode step of Tiny loses time against the bandwidth floor: read speeds of its parts.
 
-    python -m bench.decode_parts [--full-size] [--rounds 33] [--prompt-tokens 1433] [--split]
+    python -m bench.decode_parts [--full-size] [--rounds 33] [--prompt-tokens 1433] [--split | --native]
 
 Loads Tiny in bf16 and prefills a prompt of random tokens. Then, in rounds that rotate which layer
 each part reads (so that no part finds another's data in the cache) and alternate their order, it
@@ -10,7 +10,7 @@ times:
 * ``lm_head``: the compiled one-row product over ``lm_head``, the largest single read of a step;
 * ``attention``: the compiled one-query attention over one layer's cached keys and values;
 * ``routed experts``: one token's six routed experts, as one compiled call;
-* ``moe stage``: the whole-step decoder's graph for one MoE layer (``model/cpu_decode.py``):
+* ``moe stage``: the compiled whole-step decoder's graph for one MoE layer (``model/cpu_decode.py``):
   experts, residual, next norm, attention and router, as a step calls it;
 * ``step``: a whole decode step.
 
@@ -28,33 +28,43 @@ profiles a few steps and splits their time into Inductor's kernels (named per gr
 stage fused into about one kernel) and everything else: Python between the graphs, dynamo's guard
 checks, the graphs' own wrappers, ``topk``. The environment variable must be set before the
 kernels compile (it changes Inductor's cache key); the profiler adds a little to the rest.
+
+The parts above are the compiled step's (``VL2_DECODE_STEP=compiled``). ``--native`` times the
+native step (``model/native_decode.py``, bf16 on AVX512-BF16) by phase instead, from a build of
+``csrc/tiny_decode.c`` that notes the time at each phase's end: each phase's milliseconds and the
+speed at which it read its bytes, against ``sum`` read just before the step.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
+from unittest import mock
 
 import torch
 
-from model import compute_thread
+from model import compute_thread, native_decode
 from model.cpu_decode import _norm, step_graphs
 from model.cpu_kernels import decode_kernels, product_weight, swiglu_weights
 from model.loading import load_model
 
-from .__main__ import _cache_bytes, build, read_source, step_costs
+from .__main__ import _cache_bytes, build, read_once_gb_per_s, read_source, step_costs
 
 
 def _bytes(tensors) -> float:
     return float(sum(t.numel() * t.element_size() for t in tensors))
 
 
-def _prefilled(full_size: bool, prompt_tokens: int, generator: torch.Generator):
-    """Tiny loaded in bf16 with a prompt of random tokens prefilled: (model, cache, next token)."""
-    model = load_model(build("tiny", full_size), device="cpu", dtype="bf16").model
+def _prefilled(full_size: bool, prompt_tokens: int, generator: torch.Generator, step: str = "compiled"):
+    """Tiny loaded in bf16 with the ``step`` whole-step decoder (``VL2_DECODE_STEP``) and a prompt of
+    random tokens prefilled: (model, cache, next token)."""
+    with mock.patch.dict(os.environ, VL2_DECODE_STEP=step):
+        model = load_model(build("tiny", full_size), device="cpu", dtype="bf16").model
     with torch.inference_mode():
         prompt = torch.randint(100, 1000, (1, prompt_tokens), generator=generator)
         out = model.language(input_ids=prompt, cache=model.new_cache(), use_cache=True, logits_to_keep=1)
@@ -171,6 +181,59 @@ def split_step(full_size: bool, prompt_tokens: int, steps: int = 8) -> dict[str,
     return {"step_ms": step_ms, "in_kernels_ms": in_kernels_ms, "outside_ms": step_ms - in_kernels_ms}
 
 
+NATIVE_PHASES = ("input norm", "q, k, v", "rotary, cache write", "attention", "o, residual", "norm, router",
+                 "experts gate/up", "experts down, residual", "final norm, lm_head")  # fmt: skip
+
+
+def _phase_bytes(language: torch.nn.Module, cache) -> list[float]:
+    """The bytes each phase of a native step reads (as ``NATIVE_PHASES``)."""
+    layers, top_k = language.model.layers, language.config.num_experts_per_tok
+    attention = [layer.self_attn for layer in layers]
+    gate_up, down, router = 0.0, 0.0, 0.0
+    for layer in layers:
+        if hasattr(layer.mlp, "experts"):
+            expert, mlp = layer.mlp.experts[0], layer.mlp.shared_experts
+            gate_up += top_k * _bytes([expert.gate_proj.weight, expert.up_proj.weight])
+            down += top_k * _bytes([expert.down_proj.weight])
+            router += 4 * layer.mlp.gate.weight.numel()  # the step reads an fp32 copy
+        else:
+            mlp = layer.mlp
+        gate_up += _bytes([mlp.gate_proj.weight, mlp.up_proj.weight])
+        down += _bytes([mlp.down_proj.weight])
+    qkv = _bytes([getattr(a, name).weight for a in attention for name in ("q_proj", "k_proj", "v_proj")])
+    return [0.0, qkv, 0.0, float(_cache_bytes(cache)), _bytes([a.o_proj.weight for a in attention]), router,
+            gate_up, down, _bytes([language.lm_head.weight])]  # fmt: skip
+
+
+def native_phases(full_size: bool, rounds: int, prompt_tokens: int) -> dict[str, dict[str, float | None]]:
+    """A native step's time by phase (``--native``): milliseconds, and GB/s of the bytes each phase
+    reads against ``sum`` read just before the step."""
+    model, cache, token = _prefilled(full_size, prompt_tokens, torch.Generator().manual_seed(0), step="native")
+    language = model.language
+    library = native_decode.load_library(profiled=True)
+    language.decode_step = native_decode.NativeDecodeStep(language, library)
+    seconds = (ctypes.c_double * len(NATIVE_PHASES)).in_dll(library, "vl2_phase_seconds")
+    phase_bytes = _phase_bytes(language, cache)
+    floor_source = read_source(torch.device("cpu"))
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in NATIVE_PHASES}
+    with torch.inference_mode():
+        for round_index in range(rounds + 2):  # the first two warm up
+            floor = read_once_gb_per_s(floor_source)
+            before = list(seconds)
+            language(input_ids=token, cache=cache, use_cache=True)
+            cache.crop(-1)
+            if round_index >= 2:
+                for name, start, end, nbytes in zip(NATIVE_PHASES, before, seconds, phase_bytes, strict=True):
+                    samples[name].append((end - start, nbytes / (end - start) / 1e9 / floor))
+    return {
+        name: {
+            "ms": 1e3 * statistics.median(t for t, _ in rows),
+            "of_sum": statistics.median(r for _, r in rows) if phase_bytes[index] else None,
+        }
+        for index, (name, rows) in enumerate(samples.items())
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.decode_parts", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -179,7 +242,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=33)
     parser.add_argument("--prompt-tokens", type=int, default=1433)
     parser.add_argument("--split", action="store_true", help="split a step into kernels and the rest (see above)")
+    parser.add_argument("--native", action="store_true", help="a native step's time by phase (see above)")
     args = parser.parse_args(argv)
+    if args.native:
+        phases = compute_thread.run(native_phases, args.full_size, args.rounds, args.prompt_tokens)
+        for name, row in phases.items():
+            share = "" if row["of_sum"] is None else f"  {row['of_sum']:.2f} of sum"
+            print(f"{name:25s} {row['ms']:6.2f} ms{share}")
+        print(f"step {sum(row['ms'] for row in phases.values()):.1f} ms (medians summed)")
+        print(json.dumps(phases))
+        return 0
     if args.split:
         split = compute_thread.run(split_step, args.full_size, args.prompt_tokens)
         if split["in_kernels_ms"] == 0:

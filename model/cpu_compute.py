@@ -29,6 +29,7 @@ from torch import nn
 
 from .cpu_decode import use_decode_step
 from .cpu_kernels import CpuLinear, as_cpu_linear, decode_kernels, use_cpu_attention, use_decode_kernels
+from .native_decode import use_native_decode_step
 
 # Below this many rows a product is memory bound and bf16 (fewer bytes) wins on any CPU.
 MIN_ROWS_FOR_FP32 = 16
@@ -160,7 +161,8 @@ def apply_cpu_compute(model: nn.Module, speeds: GemmSpeeds | None = None) -> Cpu
         use_cpu_attention(language)
     else:
         use_decode_kernels(language, kernels)
-        whole_steps = use_decode_step(language)
-        if whole_steps is not None:
-            decode += f"; {whole_steps}"
+        # The native step where it applies (bf16 on AVX512-BF16), else the compiled one.
+        native = use_native_decode_step(language)
+        compiled = use_decode_step(language) if getattr(language, "decode_step", None) is None else None
+        decode += "".join(f"; {line}" for line in (native, compiled) if line is not None)
     return CpuComputePlan(speeds=speeds, fp32_for_many_rows=fp32, decode=decode, vision_tiles_per_batch=tiles)

@@ -25,13 +25,14 @@ from .configuration import TextConfig, VL2BaseTextConfig, VL2SmallTextConfig, VL
 from .cpu_decode import TinyDecodeStep
 from .experts import install_routed_experts
 from .mla import install_absorbed_mla
+from .native_decode import NativeDecodeStep
 
 
 class VL2TinyForCausalLM(DeepseekOcr2TextPreTrainedModel, GenerationMixin):
     config: VL2TinyTextConfig
     _tied_weights_keys: dict[str, str] = {}
-    # The compiled whole-step decoder on the CPU (model/cpu_decode.py), installed at load.
-    decode_step: TinyDecodeStep | None = None
+    # The whole-step decoder on the CPU (model/native_decode.py or model/cpu_decode.py), installed at load.
+    decode_step: NativeDecodeStep | TinyDecodeStep | None = None
 
     def __init__(self, config: VL2TinyTextConfig) -> None:
         super().__init__(config)

@@ -349,15 +349,19 @@ def make_checkpoint(
     seed: int = 0,
     dtype: torch.dtype = torch.bfloat16,
     device: str = "cpu",
+    language_overrides: dict[str, Any] | None = None,
 ) -> Path:
     """Write a random-weight checkpoint in the official hub layout; returns its directory.
 
     ``device`` draws the random values there: on a GPU full-size Small (16 B weights) takes seconds
-    instead of minutes. The values differ from a CPU draw with the same seed."""
+    instead of minutes. The values differ from a CPU draw with the same seed. ``language_overrides``
+    changes ``language_config`` entries (sizes a test needs)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = official_config(variant, full_size=full_size)
     language = config["language_config"]
+    language.update(language_overrides or {})
+    config["projector_config"]["n_embed"] = language["hidden_size"]
     write_test_tokenizer(out, vocab_size=int(language["vocab_size"]), layout="small" if variant == "small" else "tiny")
     # Like the published configs, bos/eos in config.json name the tokenizer's ids.
     vocab = Tokenizer.from_file(str(out / "tokenizer.json"))

@@ -43,7 +43,10 @@ def _count_calls(language, monkeypatch) -> Counter:
 
 @pytest.fixture(scope="module", params=["fp32", "bf16"])
 def tiny(request, checkpoints):
-    loaded = load_model(checkpoints["tiny"], device="cpu", dtype=request.param)
+    # The compiled step even where the native one would run bf16 (tests/test_native_decode.py).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VL2_DECODE_STEP", "compiled")
+        loaded = load_model(checkpoints["tiny"], device="cpu", dtype=request.param)
     assert loaded.model.language.decode_step is not None, loaded.info.compute
     assert loaded.info.compute.endswith("decode: compiled one-row kernels; whole steps compiled")
     return loaded
