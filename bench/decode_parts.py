@@ -181,7 +181,7 @@ def split_step(full_size: bool, prompt_tokens: int, steps: int = 8) -> dict[str,
     return {"step_ms": step_ms, "in_kernels_ms": in_kernels_ms, "outside_ms": step_ms - in_kernels_ms}
 
 
-NATIVE_PHASES = ("input norm", "q, k, v", "rotary, cache write", "attention", "o, residual", "norm, router",
+NATIVE_PHASES = ("input norm", "q, k, v", "rotary, cache write, attention", "o, residual", "norm, router",
                  "experts gate/up", "experts down, residual", "final norm, lm_head")  # fmt: skip
 
 
@@ -201,8 +201,8 @@ def _phase_bytes(language: torch.nn.Module, cache) -> list[float]:
         gate_up += _bytes([mlp.gate_proj.weight, mlp.up_proj.weight])
         down += _bytes([mlp.down_proj.weight])
     qkv = _bytes([getattr(a, name).weight for a in attention for name in ("q_proj", "k_proj", "v_proj")])
-    return [0.0, qkv, 0.0, float(_cache_bytes(cache)), _bytes([a.o_proj.weight for a in attention]), router,
-            gate_up, down, _bytes([language.lm_head.weight])]  # fmt: skip
+    return [0.0, qkv, float(_cache_bytes(cache)), _bytes([a.o_proj.weight for a in attention]), router, gate_up,
+            down, _bytes([language.lm_head.weight])]  # fmt: skip
 
 
 def native_phases(full_size: bool, rounds: int, prompt_tokens: int) -> dict[str, dict[str, float | None]]:

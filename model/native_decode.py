@@ -191,6 +191,11 @@ class NativeDecodeStep:
         self._work16 = torch.empty(self._library.vl2_work16_size(ctypes.byref(self._model)), dtype=torch.bfloat16)
         self._work32 = torch.empty(0)
 
+    def __deepcopy__(self, memo: dict) -> None:
+        # The step points into this model's weights; a deep copy of the model has its own, so it
+        # decodes with the stock decoder (``use_native_decode_step`` gives it a step of its own).
+        return None
+
     def _weight(self, tensor: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> int:
         """A pointer to ``tensor`` as a contiguous ``dtype`` tensor (a copy only where needed)."""
         tensor = tensor.detach().to(dtype).contiguous()

@@ -232,3 +232,12 @@ def test_models_it_does_not_cover_say_why(checkpoints, loaded_fp32, monkeypatch)
     monkeypatch.setenv("VL2_DECODE_STEP", "fastest")
     with pytest.raises(ValueError, match="use auto, native or compiled"):
         use_native_decode_step(fp32)
+
+
+def test_a_deep_copy_of_the_model_decodes_with_the_stock_decoder(native):
+    """The native step points into its model's weights: a copy (made to compare in fp32, say) must
+    not run on the original's weights."""
+    if not CAN_RUN:
+        return
+    copied = copy.deepcopy(native.model.language)
+    assert copied.decode_step is None and isinstance(native.model.language.decode_step, NativeDecodeStep)

@@ -294,34 +294,31 @@ void vl2_decode_step(const vl2_model *m, uint16_t *hidden, const uint16_t *cos, 
       product_rows(layer->v, x, H, b, e, rows + 2 * width, qkv + 2 * width);
 #pragma omp barrier
       PHASE(1);
-#pragma omp single
-      for (int64_t h = 0; h < heads; ++h) {
-        uint16_t query[D];
-        rotate(qkv + h * D, cos, sin, D, query);
-        memcpy(qkv + h * D, query, D * sizeof(uint16_t));
-        rotate(qkv + width + h * D, cos, sin, D, kv->keys + (h * capacity + slot) * D);
-        for (int64_t i = 0; i < D; ++i) kv->values[(h * D + i) * capacity + slot] = qkv[2 * width + h * D + i];
-      }
-      PHASE(2);
 
-      // Attention, fp32 as transformers' attention on the CPU computes it; a thread per head.
+      // Per head, on the thread that owns it: the rotary embedding, the new key and value written
+      // into the cache, then attention over the cache in fp32 (as transformers' attention on the
+      // CPU computes it).
       my_rows(heads, &b, &e);
       for (int64_t h = b; h < e; ++h) {
+        uint16_t query[D];
+        rotate(qkv + h * D, cos, sin, D, query);
+        rotate(qkv + width + h * D, cos, sin, D, kv->keys + (h * capacity + slot) * D);
+        for (int64_t i = 0; i < D; ++i) kv->values[(h * D + i) * capacity + slot] = qkv[2 * width + h * D + i];
         float *s = scores + h * length;
-        dot_rows(kv->keys + h * capacity * D, D, qkv + h * D, D, length, s);
+        dot_rows(kv->keys + h * capacity * D, D, query, D, length, s);
         for (int64_t t = 0; t < length; ++t) s[t] = allowed && !allowed[t] ? -INFINITY : s[t] * m->attention_scale;
         softmax(s, length);
         for (int64_t i = 0; i < D; ++i)
           attended[h * D + i] = to_bf16(dot_f32_bf16(s, kv->values + (h * D + i) * capacity, length));
       }
 #pragma omp barrier
-      PHASE(3);
+      PHASE(2);
 
       my_rows(H, &b, &e);
       dot_rows(layer->o + b * width, width, attended, width, e - b, down + b);
       for (int64_t r = b; r < e; ++r) hidden[r] = to_bf16(from_bf16(hidden[r]) + round_bf16(down[r]));
 #pragma omp barrier
-      PHASE(4);
+      PHASE(3);
 
 #pragma omp single
       {
@@ -343,7 +340,7 @@ void vl2_decode_step(const vl2_model *m, uint16_t *hidden, const uint16_t *cos, 
           }
         }
       }
-      PHASE(5);
+      PHASE(4);
 
       // SwiGLU hidden activations: each chosen expert's, then the shared experts' (or the dense
       // MLP's); each thread streams through its rows of one weight at a time.
@@ -352,7 +349,7 @@ void vl2_decode_step(const vl2_model *m, uint16_t *hidden, const uint16_t *cos, 
           swiglu_hidden(layer->expert_gate[chosen[s]], layer->expert_up[chosen[s]], x, H, I, routed + s * I);
       swiglu_hidden(layer->mlp_gate, layer->mlp_up, x, H, layer->mlp_width, mlp);
 #pragma omp barrier
-      PHASE(6);
+      PHASE(5);
 
       // Down projections: each routed expert's output rounded and mixed in fp32 (in the router's
       // order), the shared experts' output added, then the residual.
@@ -370,7 +367,7 @@ void vl2_decode_step(const vl2_model *m, uint16_t *hidden, const uint16_t *cos, 
         hidden[r] = to_bf16(from_bf16(hidden[r]) + update);
       }
 #pragma omp barrier
-      PHASE(7);
+      PHASE(6);
     }
 
 #pragma omp single
@@ -379,6 +376,6 @@ void vl2_decode_step(const vl2_model *m, uint16_t *hidden, const uint16_t *cos, 
     product_rows(m->lm_head, x, H, b, e, rows, logits);
   }
 #ifdef VL2_PROFILE
-  vl2_phase_seconds[8] += omp_get_wtime() - phase_start_;
+  vl2_phase_seconds[7] += omp_get_wtime() - phase_start_;
 #endif
 }
