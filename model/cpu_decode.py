@@ -316,6 +316,11 @@ class TinyDecodeStep:
         self._layers = [_layer_arguments(text, index) for index in range(len(text.layers))]
         self._lm_head = product_weight(language.lm_head)
 
+    def __deepcopy__(self, memo: dict) -> None:
+        # The step holds this model's weights, gathered; a deep copy of the model has its own (and
+        # copying the step would copy them once more), so it decodes with the stock decoder.
+        return None
+
     @staticmethod
     def applies(tokens: torch.Tensor | None, cache, attention_mask: torch.Tensor | None, kwargs: dict) -> bool:
         return (

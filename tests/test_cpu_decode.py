@@ -260,3 +260,10 @@ def test_4bit_whole_steps_give_the_4bit_stock_decoders_logits(checkpoints, monke
     # The packed kernel keeps each block's scale in bf16, the generic path in fp32: 1.6 % measured
     # over 6 steps. A wrongly packed weight is off by the order of the logits themselves.
     assert _relative_error(fast, stock) < 5e-2
+
+
+def test_a_deep_copy_of_the_model_decodes_with_the_stock_decoder(tiny):
+    """The step gathered its model's weights at load: a copy (made to compare in fp32, say) must not
+    keep a second, stale set of them."""
+    copied = copy.deepcopy(tiny.model.language)
+    assert copied.decode_step is None and tiny.model.language.decode_step is not None
