@@ -29,6 +29,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -44,7 +45,9 @@ from .cpu_kernels import CpuLinear, describe_failure
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "tiny_decode.c"
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC")
+# No floating-point contraction: a multiply and an add round separately, as in torch.
+FLAGS = ("-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared",
+         "-fPIC")  # fmt: skip
 CACHE_ENV = "VL2_NATIVE_CACHE"
 # VL2_DECODE_STEP=auto (native where it applies, else compiled), native (fail if it cannot run) or
 # compiled (the Inductor step of model/cpu_decode.py).
@@ -97,11 +100,12 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vl2-grounding-studio" / "native"
 
 
-def _compiler() -> str:
+def _compiler() -> list[str]:
+    """``CC`` (a command, possibly with options), else gcc, else cc."""
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         raise RuntimeError("no C compiler (gcc) found")
-    return compiler
+    return shlex.split(compiler)
 
 
 def build_library(profiled: bool = False) -> Path:
@@ -110,17 +114,19 @@ def build_library(profiled: bool = False) -> Path:
     ``vl2_phase_seconds`` (``python -m bench.decode_parts --native``)."""
     compiler = _compiler()
     flags = (*FLAGS, "-DVL2_PROFILE") if profiled else FLAGS
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join((SOURCE.read_text(), *flags, version)).encode()).hexdigest()[:16]
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join((SOURCE.read_text(), *compiler, *flags, version)).encode()).hexdigest()[:16]
     library = _cache_dir() / f"tiny_decode-{key}.so"
     if not library.exists():
         library.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
             built = Path(scratch) / library.name
-            result = subprocess.run([compiler, *flags, "-o", str(built), str(SOURCE)], capture_output=True, text=True)
+            command = [*compiler, *flags, "-o", str(built), str(SOURCE), "-lm"]
+            result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
                 errors = result.stderr.strip().splitlines()
-                raise RuntimeError(errors[0][:200] if errors else f"{compiler} exited with status {result.returncode}")
+                status = f"{compiler[0]} exited with status {result.returncode}"
+                raise RuntimeError(errors[0][:200] if errors else status)
             os.replace(built, library)  # atomic: a concurrent load sees the whole file or none
     return library
 
@@ -154,8 +160,11 @@ def native_supports(language: nn.Module) -> str | None:
     linears = [m for m in language.model.modules() if isinstance(m, nn.Linear)] + [language.lm_head]
     if any(type(m) not in (nn.Linear, CpuLinear) or m.weight.dtype != torch.bfloat16 for m in linears):
         return "not all linear weights are bf16 (4-bit, 8-bit or fp32)"
-    if any(getattr(layer.mlp, "gate", None) and layer.mlp.gate.top_k > MAX_TOP_K for layer in language.model.layers):
-        return f"more than {MAX_TOP_K} experts per token"
+    routers = [layer.mlp.gate for layer in language.model.layers if hasattr(layer.mlp, "gate")]
+    if not routers:
+        return "no MoE layer"
+    if any(not 0 < router.top_k <= min(MAX_TOP_K, router.num_experts) for router in routers):
+        return f"experts per token outside 1 to min({MAX_TOP_K}, experts)"
     return None
 
 
@@ -167,7 +176,12 @@ class NativeDecodeStep:
     """Runs one decode step of ``language`` (a ``VL2TinyForCausalLM`` that :func:`native_supports`)
     as one call of ``csrc/tiny_decode.c``. Covers the same steps as :class:`TinyDecodeStep`."""
 
-    applies = staticmethod(TinyDecodeStep.applies)
+    def applies(self, tokens: torch.Tensor | None, cache, attention_mask: torch.Tensor | None, kwargs: dict) -> bool:
+        """The compiled step's steps, while the model still holds the weights this step points
+        into (``.float()`` or ``.to()`` after load replaces them: the stock decoder then runs)."""
+        return self.language.lm_head.weight.data_ptr() == self._model.lm_head and TinyDecodeStep.applies(
+            tokens, cache, attention_mask, kwargs
+        )
 
     def __init__(self, language: nn.Module, library: ctypes.CDLL | None = None) -> None:
         self.language = language
@@ -258,7 +272,7 @@ class NativeDecodeStep:
             slot.keys, slot.values, slot.capacity = _pointer(keys), _pointer(values), keys.shape[-2]
         needed = self._library.vl2_work32_size(ctypes.byref(self._model), length)
         if self._work32.numel() < needed:
-            self._work32 = torch.empty(2 * needed)
+            self._work32 = torch.empty(2 * needed, dtype=torch.float32)
         logits = torch.empty(self._model.vocab, dtype=torch.bfloat16)
         self._library.vl2_decode_step(
             ctypes.byref(self._model), _pointer(hidden), _pointer(cos), _pointer(sin), cached, length,

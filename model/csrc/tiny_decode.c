@@ -12,8 +12,9 @@
 // rotary product and sum, SiLU, SwiGLU product and residual add is rounded to bf16 where the stock
 // decoder rounds it; the router, softmaxes and the routed experts' mix run in fp32 as there.
 //
-// Built by model/native_decode.py with gcc (-O3 -mavx512f -mavx512bw -mavx512vl -mavx512bf16
-// -fopenmp); the OpenMP runtime is then the one torch has already loaded.
+// Built by model/native_decode.py with gcc (-O3 -ffp-contract=off -mavx512f -mavx512bw -mavx512vl
+// -mavx512bf16 -fopenmp; no contraction, so that a product and a sum round separately as in torch);
+// the OpenMP runtime is then the one torch has already loaded.
 
 #include <immintrin.h>
 #include <omp.h>
@@ -330,13 +331,17 @@ void vl2_decode_step(const vl2_model *m, uint16_t *hidden, const uint16_t *cos, 
             if (router_logits[j] > top) top = router_logits[j];
           }
           for (int64_t j = 0; j < E; ++j) total += router_logits[j] = expf(router_logits[j] - top);
+          // The K largest, largest first. A taken expert is marked -1 (probabilities are >= 0);
+          // with NaN probabilities (as the stock decoder, the logits become NaN) the first
+          // experts not taken are chosen, never an index out of range.
           for (int64_t s = 0; s < K; ++s) {
-            int best = -1;
-            for (int64_t j = 0; j < E; ++j)
-              if (router_logits[j] >= 0.0f && (best < 0 || router_logits[j] > router_logits[best])) best = (int)j;
-            chosen[s] = best;
+            int64_t best = 0;
+            while (router_logits[best] < 0.0f) ++best;  // K <= E (native_decode.py checks)
+            for (int64_t j = best + 1; j < E; ++j)
+              if (router_logits[j] > router_logits[best]) best = j;
+            chosen[s] = (int)best;
             mixing[s] = router_logits[best] / total * m->routed_scaling;
-            router_logits[best] = -1.0f;  // taken
+            router_logits[best] = -1.0f;
           }
         }
       }
@@ -351,8 +356,9 @@ void vl2_decode_step(const vl2_model *m, uint16_t *hidden, const uint16_t *cos, 
 #pragma omp barrier
       PHASE(5);
 
-      // Down projections: each routed expert's output rounded and mixed in fp32 (in the router's
-      // order), the shared experts' output added, then the residual.
+      // Down projections: each routed expert's output rounded and mixed in fp32 (largest weight
+      // first; the stock decoder adds them in torch.topk's unsorted order, so a sum may differ in
+      // its last bit), the shared experts' output added, then the residual.
       my_rows(H, &b, &e);
       if (layer->router) {
         for (int64_t r = b; r < e; ++r) mixed[r] = 0.0f;
