@@ -300,6 +300,23 @@ def _layer_arguments(text: nn.Module, index: int) -> _LayerArguments:
     )
 
 
+def step_inputs(
+    text: nn.Module,
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    cache,
+    position_ids: torch.Tensor | None,
+) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
+    """A step's token embedding (``inputs_embeds`` itself when given), the number of tokens already
+    cached, and the token's rotary cos and sin (at ``position_ids``, by default the next position)."""
+    hidden = text.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+    cached = cache.get_seq_length()
+    if position_ids is None:
+        position_ids = torch.full((1, 1), cached, dtype=torch.long)
+    cos, sin = text.rotary_emb(hidden, position_ids)
+    return hidden, cached, cos, sin
+
+
 class TinyDecodeStep:
     """Runs one decode step of ``language`` (a ``VL2TinyForCausalLM``) through :class:`StepGraphs`.
 
@@ -351,11 +368,7 @@ class TinyDecodeStep:
         position_ids: torch.Tensor | None,
     ) -> CausalLMOutputWithPast:
         graphs, text = self.graphs, self.language.model
-        hidden = text.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        cached = cache.get_seq_length()
-        if position_ids is None:
-            position_ids = torch.full((1, 1), cached, dtype=torch.long)
-        cos, sin = text.rotary_emb(hidden, position_ids)
+        hidden, cached, cos, sin = step_inputs(text, input_ids, inputs_embeds, cache, position_ids)
         length = cached + 1
         if attention_mask is None:
             allowed = torch.ones(1, 1, 1, length, dtype=torch.bool)

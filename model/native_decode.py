@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .cpu_decode import TinyDecodeStep, supports, warm_up
+from .cpu_decode import TinyDecodeStep, step_inputs, supports, warm_up
 from .cpu_kernels import CpuLinear, describe_failure
 
 logger = logging.getLogger(__name__)
@@ -176,13 +176,6 @@ class NativeDecodeStep:
     """Runs one decode step of ``language`` (a ``VL2TinyForCausalLM`` that :func:`native_supports`)
     as one call of ``csrc/tiny_decode.c``. Covers the same steps as :class:`TinyDecodeStep`."""
 
-    def applies(self, tokens: torch.Tensor | None, cache, attention_mask: torch.Tensor | None, kwargs: dict) -> bool:
-        """The compiled step's steps, while the model still holds the weights this step points
-        into (``.float()`` or ``.to()`` after load replaces them: the stock decoder then runs)."""
-        return self.language.lm_head.weight.data_ptr() == self._model.lm_head and TinyDecodeStep.applies(
-            tokens, cache, attention_mask, kwargs
-        )
-
     def __init__(self, language: nn.Module, library: ctypes.CDLL | None = None) -> None:
         self.language = language
         self._library = library or load_library()
@@ -218,6 +211,13 @@ class NativeDecodeStep:
         # The step points into this model's weights; a deep copy of the model has its own, so it
         # decodes with the stock decoder (``use_native_decode_step`` gives it a step of its own).
         return None
+
+    def applies(self, tokens: torch.Tensor | None, cache, attention_mask: torch.Tensor | None, kwargs: dict) -> bool:
+        """The compiled step's steps, while the model still holds the weights this step points
+        into (``.float()`` or ``.to()`` after load replaces them: the stock decoder then runs)."""
+        return self.language.lm_head.weight.data_ptr() == self._model.lm_head and TinyDecodeStep.applies(
+            tokens, cache, attention_mask, kwargs
+        )
 
     def _weight(self, tensor: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> int:
         """A pointer to ``tensor`` as a contiguous ``dtype`` tensor (a copy only where needed)."""
@@ -257,14 +257,10 @@ class NativeDecodeStep:
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
     ) -> CausalLMOutputWithPast:
-        text = self.language.model
+        hidden, cached, cos, sin = step_inputs(self.language.model, input_ids, inputs_embeds, cache, position_ids)
         # The step overwrites its input with the last layer's output: never a caller's tensor.
-        hidden = text.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.clone()
-        hidden = hidden.to(torch.bfloat16).contiguous()
-        cached = cache.get_seq_length()
-        if position_ids is None:
-            position_ids = torch.full((1, 1), cached, dtype=torch.long)
-        cos, sin = (part.contiguous() for part in text.rotary_emb(hidden, position_ids))
+        hidden = hidden.to(torch.bfloat16, copy=inputs_embeds is not None).contiguous()
+        cos, sin = cos.contiguous(), sin.contiguous()
         length = cached + 1
         allowed = None if attention_mask is None else attention_mask.to(torch.uint8).contiguous()
         for slot, layer in zip(self._cache, cache.layers, strict=True):
