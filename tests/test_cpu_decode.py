@@ -94,18 +94,15 @@ def test_whole_steps_give_the_stock_decoders_logits_and_cache(tiny, padded, monk
     assert calls == expected
 
 
-def test_generate_decodes_a_single_image_question_with_whole_steps(tiny, checkpoints, monkeypatch):
-    monkeypatch.setenv("VL2_CPU_KERNELS", "eager")
-    dtype = "fp32" if tiny.model.language.lm_head.weight.dtype == torch.float32 else "bf16"
-    reference = load_model(checkpoints["tiny"], device="cpu", dtype=dtype)
-    assert reference.model.language.decode_step is None
-    inputs = tiny.processor([Message("user", "<image>\n<|ref|>the object<|/ref|>.", [_gradient_image(300, 200)])])
+def generate_image_answers(models: dict) -> dict:
+    """Each loaded model's 8 greedy tokens (and their logits) for one grounding question about an
+    image, through ``generate``."""
+    first = next(iter(models.values()))
+    inputs = first.processor([Message("user", "<image>\n<|ref|>the object<|/ref|>.", [_gradient_image(300, 200)])])
     settings = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False, "output_logits": True,
                 "return_dict_in_generate": True}  # fmt: skip
-    calls = _count_calls(tiny.model.language, monkeypatch)
-    compiled_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     runs = {}
-    for name, loaded in (("whole steps", tiny), ("eager", reference)):
+    for name, loaded in models.items():
         embeds = loaded.model.prepare_inputs_embeds(
             inputs["input_ids"], inputs["pixel_values"], inputs["images_seq_mask"], inputs["images_spatial_crop"]
         )
@@ -116,6 +113,17 @@ def test_generate_decodes_a_single_image_question_with_whole_steps(tiny, checkpo
                 cache=loaded.model.new_cache(),
                 **settings,
             )
+    return runs
+
+
+def test_generate_decodes_a_single_image_question_with_whole_steps(tiny, checkpoints, monkeypatch):
+    monkeypatch.setenv("VL2_CPU_KERNELS", "eager")
+    dtype = "fp32" if tiny.model.language.lm_head.weight.dtype == torch.float32 else "bf16"
+    reference = load_model(checkpoints["tiny"], device="cpu", dtype=dtype)
+    assert reference.model.language.decode_step is None
+    calls = _count_calls(tiny.model.language, monkeypatch)
+    compiled_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    runs = generate_image_answers({"whole steps": tiny, "eager": reference})
     assert calls["first_stage"] == 7  # the first of the 8 tokens comes from the prompt
     # Everything was compiled at load: nothing in the middle of an answer.
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled_graphs
@@ -127,17 +135,19 @@ def test_generate_decodes_a_single_image_question_with_whole_steps(tiny, checkpo
         assert _relative_error(fast.logits[1], eager.logits[1]) < 2e-2
 
 
-def test_whole_steps_match_across_a_cache_regrowth_and_a_crop(tiny):
-    """Past the first buffer's spare room the cache moves to a larger buffer, and a crop makes
-    the next steps overwrite tokens: the graphs write and read the right positions through both."""
-    language = tiny.model.language
+def check_a_cache_regrowth_and_a_crop(loaded, name: str, following_tokens: int, tolerance: float) -> None:
+    """Decode ``following_tokens`` after a 5-token prompt, cropping 3 tokens after the 21st, with
+    the installed whole-step decoder and with the stock one: past the first buffer's spare room the
+    cache moves to a larger buffer, and the crop makes the next steps rewrite positions. Logits,
+    keys and values agree within ``tolerance``."""
+    language = loaded.model.language
     torch.manual_seed(2)
-    prompt, following = torch.randint(10, 500, (1, 5)), torch.randint(10, 500, (1, MIN_SPARE_TOKENS + 8))
+    prompt, following = torch.randint(10, 500, (1, 5)), torch.randint(10, 500, (1, following_tokens))
     logits, caches = {}, {}
-    for name, decoder in (("whole steps", language.decode_step), ("stock", None)):
+    for decoder_name, decoder in ((name, language.decode_step), ("stock", None)):
         saved, language.decode_step = language.decode_step, decoder
         try:
-            cache = tiny.model.new_cache()
+            cache = loaded.model.new_cache()
             with torch.inference_mode():
                 language(input_ids=prompt, cache=cache, use_cache=True)
                 first_buffer = cache.layers[0]._key_buffer
@@ -148,13 +158,18 @@ def test_whole_steps_match_across_a_cache_regrowth_and_a_crop(tiny):
             assert cache.layers[0]._key_buffer is not first_buffer  # it outgrew the first buffer
         finally:
             language.decode_step = saved
-        logits[name], caches[name] = out.logits, cache
-    tolerance = 1e-5 if logits["stock"].dtype == torch.float32 else 2e-2
-    assert _relative_error(logits["whole steps"], logits["stock"]) < tolerance
-    for fast_layer, stock_layer in zip(caches["whole steps"].layers, caches["stock"].layers, strict=True):
-        assert fast_layer.get_seq_length() == stock_layer.get_seq_length() == 5 + MIN_SPARE_TOKENS + 8 - 3
+        logits[decoder_name], caches[decoder_name] = out.logits, cache
+    assert _relative_error(logits[name], logits["stock"]) < tolerance
+    for fast_layer, stock_layer in zip(caches[name].layers, caches["stock"].layers, strict=True):
+        assert fast_layer.get_seq_length() == stock_layer.get_seq_length() == 5 + following_tokens - 3
         assert _relative_error(fast_layer.keys, stock_layer.keys) < tolerance
         assert _relative_error(fast_layer.values, stock_layer.values) < tolerance
+
+
+def test_whole_steps_match_across_a_cache_regrowth_and_a_crop(tiny):
+    """The graphs write and read the right positions through a regrowth and a crop."""
+    tolerance = 1e-5 if tiny.model.language.lm_head.weight.dtype == torch.float32 else 2e-2
+    check_a_cache_regrowth_and_a_crop(tiny, "whole steps", MIN_SPARE_TOKENS + 8, tolerance)
 
 
 def test_long_answers_compile_nothing_after_load(tiny, monkeypatch):
@@ -179,25 +194,31 @@ def test_long_answers_compile_nothing_after_load(tiny, monkeypatch):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled
 
 
-def test_steps_it_does_not_cover_go_through_the_stock_decoder(tiny, monkeypatch):
-    language = tiny.model.language
-    calls = _count_calls(language, monkeypatch)
-    batch = _left_padded_batch(tiny.processor)  # two sequences
-    embeds = tiny.model.prepare_inputs_embeds(
+def run_steps_whole_steps_do_not_cover(loaded) -> None:
+    """Decode steps no whole-step decoder covers: two sequences, hidden states asked for, a cache
+    it cannot write into, and a step outside ``inference_mode``."""
+    language = loaded.model.language
+    batch = _left_padded_batch(loaded.processor)  # two sequences
+    embeds = loaded.model.prepare_inputs_embeds(
         batch["input_ids"], batch["pixel_values"], batch["images_seq_mask"], batch["images_spatial_crop"]
     )
     with torch.inference_mode():
         language.generate(
             inputs_embeds=embeds, attention_mask=batch["attention_mask"], max_new_tokens=3, do_sample=False
         )
-        out = language(input_ids=torch.tensor([[5, 6]]), cache=tiny.model.new_cache(), use_cache=True)
+        out = language(input_ids=torch.tensor([[5, 6]]), cache=loaded.model.new_cache(), use_cache=True)
         language(input_ids=torch.tensor([[7]]), cache=out.cache, use_cache=True, output_hidden_states=True)
-        # A cache the graphs cannot write into: transformers' own, appended to by ``torch.cat``.
+        # A cache the step cannot write into: transformers' own, appended to by ``torch.cat``.
         out = language(input_ids=torch.tensor([[5, 6]]), cache=DynamicCache(config=language.config), use_cache=True)
         language(input_ids=torch.tensor([[7]]), cache=out.cache, use_cache=True)
     with torch.no_grad():  # outside inference_mode (training code, gradients): the stock path
-        out = language(input_ids=torch.tensor([[5, 6]]), cache=tiny.model.new_cache(), use_cache=True)
+        out = language(input_ids=torch.tensor([[5, 6]]), cache=loaded.model.new_cache(), use_cache=True)
         language(input_ids=torch.tensor([[8]]), cache=out.cache, use_cache=True)
+
+
+def test_steps_it_does_not_cover_go_through_the_stock_decoder(tiny, monkeypatch):
+    calls = _count_calls(tiny.model.language, monkeypatch)
+    run_steps_whole_steps_do_not_cover(tiny)
     assert sum(calls.values()) == 0
 
 

@@ -16,11 +16,15 @@ from model.cpu_decode import TinyDecodeStep
 from model.kv_cache import DIM_MAJOR_SPARE_TOKENS
 from model.loading import load_model
 from model.native_decode import NativeDecodeStep, native_supports, use_native_decode_step
-from model.processing import Message
 from model.testing import make_checkpoint
 
-from .test_cpu_decode import _decode, _relative_error
-from .test_model_forward import _gradient_image, _left_padded_batch
+from .test_cpu_decode import (
+    _decode,
+    _relative_error,
+    check_a_cache_regrowth_and_a_crop,
+    generate_image_answers,
+    run_steps_whole_steps_do_not_cover,
+)
 
 CAN_RUN = bool(torch.cpu._is_avx512_bf16_supported() and shutil.which("gcc"))
 
@@ -150,19 +154,7 @@ def test_generate_answers_an_image_question_with_native_steps(native, checkpoint
     reference = load_model(checkpoints["tiny"], device="cpu", dtype="bf16")
     assert reference.model.language.decode_step is None
     calls = _counted(native.model.language.decode_step, monkeypatch)
-    inputs = native.processor([Message("user", "<image>\n<|ref|>the object<|/ref|>.", [_gradient_image(300, 200)])])
-    settings = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False, "output_logits": True,
-                "return_dict_in_generate": True}  # fmt: skip
-    runs = {}
-    for name, loaded in (("native", native), ("eager", reference)):
-        embeds = loaded.model.prepare_inputs_embeds(
-            inputs["input_ids"], inputs["pixel_values"], inputs["images_seq_mask"], inputs["images_spatial_crop"]
-        )
-        with torch.inference_mode():
-            runs[name] = loaded.model.language.generate(
-                inputs_embeds=embeds, attention_mask=inputs["attention_mask"], cache=loaded.model.new_cache(),
-                **settings,
-            )  # fmt: skip
+    runs = generate_image_answers({"native": native, "eager": reference})
     assert calls["native"] == 7  # the first of the 8 tokens comes from the prompt
     # The first decoded step's logits, before a near-tie of random bf16 weights could flip a token.
     assert _relative_error(runs["native"].logits[1], runs["eager"].logits[1]) < 2e-2
@@ -173,50 +165,14 @@ def test_native_steps_follow_a_cache_regrowth_and_a_crop(native):
     through new pointers), and a crop makes the next steps overwrite positions."""
     if not CAN_RUN:
         return
-    language = native.model.language
-    torch.manual_seed(2)
-    prompt, following = torch.randint(10, 500, (1, 5)), torch.randint(10, 500, (1, DIM_MAJOR_SPARE_TOKENS + 8))
-    logits, caches = {}, {}
-    for name, decoder in (("native", language.decode_step), ("stock", None)):
-        saved, language.decode_step = language.decode_step, decoder
-        try:
-            cache = native.model.new_cache()
-            with torch.inference_mode():
-                language(input_ids=prompt, cache=cache, use_cache=True)
-                first_buffer = cache.layers[0]._key_buffer
-                for position in range(following.shape[1]):
-                    out = language(input_ids=following[:, position : position + 1], cache=cache, use_cache=True)
-                    if position == 20:
-                        cache.crop(-3)
-            assert cache.layers[0]._key_buffer is not first_buffer
-        finally:
-            language.decode_step = saved
-        logits[name], caches[name] = out.logits, cache
-    assert _relative_error(logits["native"], logits["stock"]) < 2e-2
-    for native_layer, stock_layer in zip(caches["native"].layers, caches["stock"].layers, strict=True):
-        assert native_layer.get_seq_length() == stock_layer.get_seq_length() == 5 + DIM_MAJOR_SPARE_TOKENS + 8 - 3
-        assert _relative_error(native_layer.keys, stock_layer.keys) < 2e-2
-        assert _relative_error(native_layer.values, stock_layer.values) < 2e-2
+    check_a_cache_regrowth_and_a_crop(native, "native", DIM_MAJOR_SPARE_TOKENS + 8, 2e-2)
 
 
 def test_steps_it_does_not_cover_go_through_the_stock_decoder(native, monkeypatch):
     if not CAN_RUN:
         return
-    language = native.model.language
-    calls = _counted(language.decode_step, monkeypatch)
-    batch = _left_padded_batch(native.processor)  # two sequences
-    embeds = native.model.prepare_inputs_embeds(
-        batch["input_ids"], batch["pixel_values"], batch["images_seq_mask"], batch["images_spatial_crop"]
-    )
-    with torch.inference_mode():
-        language.generate(
-            inputs_embeds=embeds, attention_mask=batch["attention_mask"], max_new_tokens=3, do_sample=False
-        )
-        out = language(input_ids=torch.tensor([[5, 6]]), cache=native.model.new_cache(), use_cache=True)
-        language(input_ids=torch.tensor([[7]]), cache=out.cache, use_cache=True, output_hidden_states=True)
-    with torch.no_grad():
-        out = language(input_ids=torch.tensor([[5, 6]]), cache=native.model.new_cache(), use_cache=True)
-        language(input_ids=torch.tensor([[8]]), cache=out.cache, use_cache=True)
+    calls = _counted(native.model.language.decode_step, monkeypatch)
+    run_steps_whole_steps_do_not_cover(native)
     assert calls["native"] == 0
 
 
