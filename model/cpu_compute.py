@@ -29,6 +29,7 @@ from torch import nn
 
 from .cpu_decode import use_decode_step
 from .cpu_kernels import CpuLinear, as_cpu_linear, decode_kernels, use_cpu_attention, use_decode_kernels
+from .cpu_vision import fuse_vision_mlp
 from .native_decode import use_native_decode_step
 
 # Below this many rows a product is memory bound and bf16 (fewer bytes) wins on any CPU.
@@ -97,6 +98,7 @@ class CpuComputePlan:
     fp32_for_many_rows: bool
     decode: str  # which kernels decode steps use (model/cpu_kernels.py)
     vision_tiles_per_batch: int | None = None  # None: no vision tower on the CPU
+    vision_mlp: str = ""  # how the vision MLP runs (model/cpu_vision.py)
 
     def describe(self) -> str:
         if self.speeds is None:
@@ -108,6 +110,8 @@ class CpuComputePlan:
                 f"→ {choice}"
             )
         vision = "" if self.vision_tiles_per_batch is None else f"; vision: {self.vision_tiles_per_batch} tiles a batch"
+        if self.vision_mlp:
+            vision += f", {self.vision_mlp}"
         return f"{gemm}{vision}; decode: {self.decode}"
 
 
@@ -149,11 +153,12 @@ def apply_cpu_compute(model: nn.Module, speeds: GemmSpeeds | None = None) -> Cpu
             if module is not None:
                 module.float()
     vision = getattr(model, "vision", None)
-    tiles = None
+    tiles, vision_mlp = None, ""
     if vision is not None and hasattr(model, "vision_tiles_per_batch"):
         element_size = vision.embeddings.patch_embedding.weight.element_size()
         tiles = vision_tiles_per_batch(model.config.vision_config, element_size, model.vision_tiles_per_batch)
         model.vision_tiles_per_batch = tiles
+        vision_mlp = fuse_vision_mlp(vision)
     # Full-precision linears only: bitsandbytes' layers subclass nn.Linear but hold packed bytes.
     dtypes = {m.weight.dtype for m in language.modules() if type(m) in (nn.Linear, CpuLinear)}
     kernels, decode = decode_kernels(dtypes) if dtypes else (None, "bitsandbytes' kernels")
@@ -165,4 +170,6 @@ def apply_cpu_compute(model: nn.Module, speeds: GemmSpeeds | None = None) -> Cpu
         native = use_native_decode_step(language)
         compiled = use_decode_step(language) if getattr(language, "decode_step", None) is None else None
         decode += "".join(f"; {line}" for line in (native, compiled) if line is not None)
-    return CpuComputePlan(speeds=speeds, fp32_for_many_rows=fp32, decode=decode, vision_tiles_per_batch=tiles)
+    return CpuComputePlan(
+        speeds=speeds, fp32_for_many_rows=fp32, decode=decode, vision_tiles_per_batch=tiles, vision_mlp=vision_mlp
+    )
