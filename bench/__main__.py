@@ -13,8 +13,9 @@ round; medians reported, with an A/A control (the first configuration measured t
 floor and CPU time beside wall time. Prefill is reported against the GEMM floor of the dtype it
 multiplies in, decode against the bandwidth floor for the bytes a step reads (weights and cache);
 the floors are measured again in every round beside the work, each ratio is taken within its round
-and the median reported, since a shared machine's bandwidth drifts; decode steps are each paired
-with one read of the floor's tensor timed just before them, since it drifts within seconds.
+and the median reported, since a shared machine's bandwidth drifts; vision and prefill each get the
+GEMM floor measured again just before them, and decode steps are each paired with one read of the
+floor's tensor timed just before them, since both drift within seconds.
 Random weights: speeds and bytes are meaningful, answers are not.
 """
 
@@ -70,18 +71,24 @@ def _rate(work, seconds: float) -> float:
     return count / elapsed
 
 
-def machine_floors(device: torch.device, seconds: float = 0.3) -> dict[str, float]:
-    floors = {}
+GEMM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def gemm_floor_gflops(device: torch.device, dtype: str, seconds: float) -> float:
+    """The GEMM floor: GFLOP/s of one large square product (2048 on a CPU, 8192 on a GPU)."""
     size = 2048 if device.type == "cpu" else 8192
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a = torch.randn(size, size, dtype=dtype, device=device)
-        b = torch.randn(size, size, dtype=dtype, device=device)
+    a = torch.randn(size, size, dtype=GEMM_DTYPES[dtype], device=device)
+    b = torch.randn(size, size, dtype=GEMM_DTYPES[dtype], device=device)
 
-        def gemm(a=a, b=b):
-            torch.nn.functional.linear(a, b)
-            _sync(device)
+    def gemm():
+        torch.nn.functional.linear(a, b)
+        _sync(device)
 
-        floors[f"{name}_gemm_gflops"] = round(_rate(gemm, seconds) * 2 * size**3 / 1e9, 1)
+    return round(_rate(gemm, seconds) * 2 * size**3 / 1e9, 1)
+
+
+def machine_floors(device: torch.device, seconds: float = 0.3) -> dict[str, float]:
+    floors = {f"{name}_gemm_gflops": gemm_floor_gflops(device, name, seconds) for name in GEMM_DTYPES}
     source = read_source(device)
 
     def read():
@@ -185,6 +192,14 @@ def _to_device(inputs: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
+def phase_gemm_floor(config: Config, phase: str, dtype: str) -> dict[str, float]:
+    """The ``dtype`` GEMM floor measured now (recorded as ``{phase}_floor_gemm_gflops``), as a
+    floors entry."""
+    gflops = gemm_floor_gflops(_device(config.loaded), dtype, seconds=0.15)
+    config.record(f"{phase}_floor_gemm_gflops", gflops)
+    return {f"{dtype}_gemm_gflops": gflops}
+
+
 def measure(
     config: Config, image: Image.Image, decode_tokens: int, chunk: int, compare_decoders: bool, peaks: bool = False
 ) -> None:
@@ -219,11 +234,14 @@ def measure(
         inputs = timed("preprocess_s", lambda: processor([Message("user", "<|ref|>the object<|/ref|>.", [image])]))
         inputs = _to_device(inputs, device)
         tiles = inputs["pixel_values"][0, : 1 + int(inputs["images_spatial_crop"][0, 0].prod())]
+        # The GEMM floor once more just before each phase it bounds: vision and prefill run
+        # 20-40 s after the round's floors, and a GEMM's speed drifts as much as memory's.
+        vision_floors = {**floors, **phase_gemm_floor(config, "vision", config.costs.vision_dtype)}
         timed("vision_s", lambda: model.encode_tiles(tiles), "vision")
         if peaks and model.vision_tiles_per_batch < tiles.shape[0]:
             timed("vision_one_batch_s", lambda: encode_in_one_batch(model, tiles), "vision_one_batch")
         config.record("vision_per_tile_s", config.samples["vision_s"][-1] / tiles.shape[0])
-        vision_floor = config.costs.vision_floor_s(floors)
+        vision_floor = config.costs.vision_floor_s(vision_floors)
         config.record("vision_vs_gemm_floor", config.samples["vision_per_tile_s"][-1] / vision_floor)
         args = (inputs["input_ids"], inputs["pixel_values"], inputs["images_seq_mask"], inputs["images_spatial_crop"])
         embeds = timed("embeds_s", lambda: model.prepare_inputs_embeds(*args))
@@ -235,12 +253,13 @@ def measure(
                 inputs_embeds=embeds, attention_mask=mask, cache=model.new_cache(), use_cache=True, logits_to_keep=1
             )
 
+        prefill_floors = {**floors, **phase_gemm_floor(config, "prefill", config.costs.prefill_dtype)}
         out = timed("prefill_s", prefill, "prefill")
         timed(f"prefill_chunk{chunk}_s", lambda: model.prefill_cache(embeds, mask, chunk), f"prefill_chunk{chunk}")
         config.record("prompt_tokens", embeds.shape[1])
         if peaks:
             long_prompt_peaks(config, timed, embeds, chunk)
-        prefill_floor = config.costs.prefill_floor_s(embeds.shape[1], floors)
+        prefill_floor = config.costs.prefill_floor_s(embeds.shape[1], prefill_floors)
         config.record("prefill_vs_gemm_floor", config.samples["prefill_s"][-1] / prefill_floor)
         cache, token = out.cache, out.logits[:, -1:].argmax(-1)
         prompt_cache_bytes = _cache_bytes(cache)
@@ -563,6 +582,9 @@ def run_all(args: argparse.Namespace) -> int:
     for config in schedule:
         median = {key: statistics.median(values) for key, values in config.samples.items()}
         median_floors = {key.removeprefix("floor_"): value for key, value in median.items() if key.startswith("floor_")}
+        # The prefill floor as the ratios use it: the GEMM floor measured just before prefill.
+        prefill_gemm = f"{config.costs.prefill_dtype}_gemm_gflops"
+        prefill_floors = {**median_floors, prefill_gemm: median["prefill_floor_gemm_gflops"]}
         summary = config.loaded.info.weights  # measured at load, after any placement
         cache_mb = median["decode_cache_mb"]
         rows.append(
@@ -578,7 +600,7 @@ def run_all(args: argparse.Namespace) -> int:
                 **memory.get(config.name.removesuffix(" (A/A)"), {}),
                 **{key: round(value, 4) for key, value in median.items()},
                 "prefill_gemm_dtype": config.costs.prefill_dtype,
-                "prefill_floor_s": round(config.costs.prefill_floor_s(median["prompt_tokens"], median_floors), 3),
+                "prefill_floor_s": round(config.costs.prefill_floor_s(median["prompt_tokens"], prefill_floors), 3),
                 "decode_floor_ms": round(config.costs.decode_floor_ms(median_floors, cache_mb * MB), 2),
                 **dict(zip(("logit_error", "logit_error_vs"), logit_error(logits, config.name) or (), strict=False)),
                 "samples": {key: [round(value, 5) for value in values] for key, values in config.samples.items()},
