@@ -14,11 +14,11 @@ against the stock decoder at load like the compiled step. Where gcc, AVX512-BF16
 are missing, the compiled step is used instead.
 
 Full-size Tiny on the 2-core EPYC (``python -m bench --full-size --variants tiny --precisions bf16
---compare-decoders``, three runs of 5 rounds and their A/A): a step takes 36-57 ms, 0.99-1.52x
-(medians 1.15-1.44) the time to read its weights and cache at the speed of ``sum`` just before
-it (the higher ratios when memory is fast), and the compiled step 1.15-1.50x the native one's
-time, paired. By phase (``python -m bench.decode_parts --full-size --native``) it reads at
-0.6-0.85 of ``sum``. Each chosen expert's weights are separate matrices of 2.3 MB: reading 14 of
+--compare-decoders``, 5 rounds and their A/A): a step takes 30-48 ms, 1.05-1.25x (medians
+1.14-1.16) the time to read its weights and cache at the speed of ``sum`` just before it (the
+higher ratios when memory is fast), and the compiled step 1.29-1.54x the native one's time,
+paired. By phase (``python -m bench.decode_parts --full-size --native``, before the 256-bit
+loads) it read at 0.6-0.85 of ``sum``. Each chosen expert's weights are separate matrices of 2.3 MB: reading 14 of
 them in a row ran at 0.6-0.85 of ``sum`` in a separate test (one 331 MB matrix: 0.76-0.94),
 whether each thread read half of every one or whole ones, and 3-4 % faster from 2 MB pages (not
 worth copying the weights out of the checkpoint's file mapping).
