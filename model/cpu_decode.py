@@ -1,7 +1,7 @@
 """A whole decode step of Tiny's language model in one compiled call per layer (CPU).
 
 Where the weights are bf16 and the chip has AVX512-BF16, ``model/native_decode.py`` runs the step
-instead (one native call, 0.78-0.93x this step's time, paired in the bench); this one covers fp32
+instead (one native call, 0.65-0.78x this step's time, paired in the bench); this one covers fp32
 weights, NF4 layers and chips without AVX512-BF16.
 
 With only the one-row kernels of ``model/cpu_kernels.py``, a step of full-size Tiny in bf16 took

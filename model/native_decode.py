@@ -18,10 +18,10 @@ Full-size Tiny on the 2-core EPYC (``python -m bench --full-size --variants tiny
 1.14-1.16) the time to read its weights and cache at the speed of ``sum`` just before it (the
 higher ratios when memory is fast), and the compiled step 1.29-1.54x the native one's time,
 paired. By phase (``python -m bench.decode_parts --full-size --native``, before the 256-bit
-loads) it read at 0.6-0.85 of ``sum``. Each chosen expert's weights are separate matrices of 2.3 MB: reading 14 of
-them in a row ran at 0.6-0.85 of ``sum`` in a separate test (one 331 MB matrix: 0.76-0.94),
-whether each thread read half of every one or whole ones, and 3-4 % faster from 2 MB pages (not
-worth copying the weights out of the checkpoint's file mapping).
+loads) it read at 0.6-0.85 of ``sum``. Each chosen expert's weights are separate matrices of
+2.3 MB: reading 14 of them in a row ran at 0.6-0.85 of ``sum`` in a separate test (one 331 MB
+matrix: 0.76-0.94), whether each thread read half of every one or whole ones, and 3-4 % faster
+from 2 MB pages (not worth copying the weights out of the checkpoint's file mapping).
 """
 
 from __future__ import annotations
