@@ -152,7 +152,11 @@ def answer(
         torch.cuda.reset_peak_memory_stats(place)
     dtype, quantization = PRECISIONS[precision]
     start = time.perf_counter()
-    loaded = load_model(path, device=device, dtype=dtype, quantization=quantization, gpu_memory=budget)
+
+    def phase(message: str) -> None:  # where the load's time goes, to stderr
+        print(f"{time.perf_counter() - start:6.1f} s  {message}", file=sys.stderr, flush=True)
+
+    loaded = load_model(path, device=device, dtype=dtype, quantization=quantization, gpu_memory=budget, progress=phase)
     _sync(place)
     load_s = time.perf_counter() - start
     print(f"loaded in {load_s:.1f} s: {loaded.info.summary()}; {loaded.info.placement}", file=sys.stderr, flush=True)

@@ -22,6 +22,7 @@ from torch import nn
 from . import compute_thread
 from .configuration import ConfigError, load_official_config, variant_name
 from .cpu_compute import apply_cpu_compute
+from .cuda_attention import use_any_length_attention
 from .experts import RoutedExperts
 from .inspect import summarize
 from .modeling import DeepseekVL2ForCausalLM
@@ -367,13 +368,18 @@ def load_model(
             "try --quantization 4bit, a smaller model, or --device cpu"
         ) from exc
     _check_loading_info(info)
+    # from_pretrained sets the implementation on the top-level config only; the vision tower and
+    # the language model are built from their own configs and would keep SDPA.
+    model.set_attn_implementation(attn_implementation)
     if quantization:
         leftovers = unquantized_expert_weights(model)
         if leftovers:
             raise ModelLoadError(f"{len(leftovers)} expert weights were not quantized, e.g. {leftovers[:3]}")
     model.eval()
+    say = progress if progress is not None else (lambda _message: None)
     compute, cpu_share_bytes = None, 0
     if placement is not None and placement.offloads:
+        say(f"placing the model in the GPU budget ({placement.budget_bytes / 2**30:.1f} GiB)")
         # Re-plan from the exact stored sizes now that they are known, then place.
         try:
             placement = plan_for_model(model, placement.budget_bytes)
@@ -382,9 +388,12 @@ def load_model(
             raise ModelLoadError(f"could not place {model_id_or_path} in the GPU budget: {exc}") from exc
         # The activation reserve assumes prefill in chunks.
         model.prefill_chunk_size = PLACED_PREFILL_CHUNK
-        compute = compute_share_on_cpu(model, placement, torch_dtype, via=device)
+        compute = compute_share_on_cpu(model, placement, torch_dtype, via=device, progress=say)
         cpu_share_bytes = sum(p.numel() * p.element_size() for p in cpu_share(model, placement).parameters())
+    if torch.device(device).type == "cuda":
+        use_any_length_attention(model.language)
     if torch.device(device).type == "cpu":
+        say("measuring this CPU and compiling its decode kernels")
         compute = apply_cpu_compute(model)
         # A CPU load leaves weights memory-mapped from the checkpoint. Every other weight is read
         # whole in the first forwards, but each new token reads one embedding row straight from the

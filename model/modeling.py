@@ -9,13 +9,11 @@ sequence, and the renames that let the unchanged hub checkpoints load. Vision is
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import Cache, PreTrainedModel, SiglipVisionModel
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import Chunk, ConversionOps, WeightConverter, WeightRenaming
@@ -110,14 +108,6 @@ def _contiguous_output(module: nn.Module, args: tuple, output: torch.Tensor) -> 
     # whole residual stream stays transposed and every LayerNorm copies it (55 copies a tile,
     # measured 9 % of a tile's time on the CPU). Same values, contiguous rows.
     return output.contiguous()
-
-
-# PyTorch's SDPA picks cuDNN's attention on Hopper GPUs, which builds (and caches) an execution
-# graph per shape. Every decode step attends over one more key, so each step of a new answer
-# builds one: measured on an H200, full-size Tiny decoded 54.8 ms a token at lengths it had not
-# seen against 21.8 ms at lengths it had (a bare decode loop: 19.1 ms). The other kernels take any
-# length as it comes.
-GENERATION_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class DeepseekVL2ForCausalLM(PreTrainedModel):
@@ -321,17 +311,6 @@ class DeepseekVL2ForCausalLM(PreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape, dtype=torch.long)
         attention_mask = attention_mask.to(device=device, dtype=torch.long)
-        with sdpa_kernel(GENERATION_SDPA_BACKENDS) if device.type == "cuda" else contextlib.nullcontext():
-            return self._generate(input_ids, attention_mask, inputs_embeds, prefill_chunk_size, generate_kwargs)
-
-    def _generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        inputs_embeds: torch.Tensor,
-        prefill_chunk_size: int | None,
-        generate_kwargs: dict,
-    ) -> torch.Tensor:
         chunk = prefill_chunk_size or self.prefill_chunk_size
         # generate() expands the batch for beams/several sequences but not a cache it is handed.
         expands = generate_kwargs.get("num_beams", 1) > 1 or generate_kwargs.get("num_return_sequences", 1) > 1

@@ -16,7 +16,7 @@ upward (llama.cpp's ``--n-cpu-moe`` counts the same way) until the rest fits.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -264,13 +264,20 @@ def unpack_4bit_linears(module: nn.Module, dtype: torch.dtype, via: str | torch.
 
 
 def compute_share_on_cpu(
-    model: nn.Module, placement: Placement, dtype: torch.dtype, via: str | torch.device | None = None
+    model: nn.Module,
+    placement: Placement,
+    dtype: torch.dtype,
+    via: str | torch.device | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> CpuComputePlan | None:
     """Ready the experts ``placement`` left on the CPU for computing there: 4-bit ones unpacked
     (:func:`unpack_4bit_linears`), then the CPU's GEMM dtype and decode kernels, chosen once for
     all of them (``model/cpu_compute.py``)."""
+    say = progress if progress is not None else (lambda _message: None)
     share = cpu_share(model, placement)
+    say(f"unpacking the routed experts of {len(placement.cpu_layers)} layers for the CPU")
     unpack_4bit_linears(share, dtype, via=via)
+    say("measuring this CPU and compiling its decode kernels")
     return apply_cpu_compute(share)
 
 

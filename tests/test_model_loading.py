@@ -211,3 +211,10 @@ def test_missing_tokenizer_fails_fast_with_a_clear_message(tmp_path, checkpoints
     (copy / "tokenizer.json").unlink()
     with pytest.raises(ModelLoadError, match=r"tokenizer\.json"):
         load_model(copy, device="cpu")
+
+
+def test_the_attention_implementation_asked_for_reaches_vision_and_language(checkpoints):
+    loaded = load_model(checkpoints["small"], device="cpu", dtype="fp32", attn_implementation="eager")
+    model = loaded.model
+    assert model.vision.config._attn_implementation == "eager"
+    assert model.language.config._attn_implementation == "eager"
