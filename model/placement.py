@@ -235,10 +235,10 @@ def unpack_4bit_linears(module: nn.Module, dtype: torch.dtype, via: str | torch.
     For the CPU's share of a placed model. In a CUDA process bitsandbytes loads its CUDA library,
     which has no fused 4-bit CPU kernel: each product then dequantizes the whole matrix first
     (measured on an H200 machine: full-size Small with 9 of 26 layers' experts on the CPU decoded
-    0.8 tokens/s). Plain linears get the CPU's own GEMM and the compiled one-row decode kernels,
-    for 4x the bytes of RAM. The values are the 4-bit ones, so the output stays that of the
-    quantized model. ``via`` (the GPU) does the dequantizing, rather than bitsandbytes' unfused
-    CPU path.
+    0.8 tokens/s, first token after 10.6 s). Plain linears get the CPU's own GEMM and the compiled
+    one-row decode kernels, for 4x the bytes of RAM: 9.8 tokens/s, first token after 1.3-1.8 s.
+    The values are the 4-bit ones, so the output stays that of the quantized model. ``via`` (the
+    GPU) does the dequantizing, rather than bitsandbytes' unfused CPU path.
     """
     import bitsandbytes.functional as bnb_functional
 
