@@ -320,8 +320,8 @@ def load_model(
     if quantization:
         check_bitsandbytes(device, quantization)
     path = resolve_checkpoint(model_id_or_path, revision=revision, progress=progress)
-    if progress is not None:
-        progress(f"loading weights into memory ({quantization or torch_dtype} on {device})")
+    say = progress if progress is not None else (lambda _message: None)
+    say(f"loading weights into memory ({quantization or torch_dtype} on {device})")
     try:
         config = load_official_config(path)
     except (ConfigError, KeyError, ValueError) as exc:
@@ -376,7 +376,6 @@ def load_model(
         if leftovers:
             raise ModelLoadError(f"{len(leftovers)} expert weights were not quantized, e.g. {leftovers[:3]}")
     model.eval()
-    say = progress if progress is not None else (lambda _message: None)
     compute, cpu_share_bytes = None, 0
     if placement is not None and placement.offloads:
         say(f"placing the model in the GPU budget ({placement.budget_bytes / 2**30:.1f} GiB)")
