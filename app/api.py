@@ -2,32 +2,63 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+import functools
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import gradio as gr
+from gradio.processing_utils import save_bytes_to_cache
+from gradio.utils import get_upload_folder
 
 from model.generation import GenerationSettings
 from model.grounding import strip_grounding_tags
 
+from . import params
 from .click import box_from_pixels
-from .controller import Controller, UserError
-from .exports import box_records, coco_from_document, session_document, write_annotated_png
+from .controller import Controller
+from .errors import UserError
+from .exports import annotated_png, box_records, coco_from_document, session_document
 from .modes import Mode
 from .session import Session
 from .zerogpu import gpu
 
 GROUNDING_SETTINGS = GenerationSettings(temperature=0.0, repetition_penalty=1.0)
+F = TypeVar("F", bound=Callable)
 
 
-def _path(file: Any) -> str:
-    if isinstance(file, dict):
-        return file.get("path") or file.get("name") or ""
-    return getattr(file, "path", None) or str(file)
+def user_errors(fn: F) -> F:
+    """A :class:`UserError` raised by ``fn`` (or while its stream runs) reaches the caller as ``gr.Error``."""
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def streaming(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except UserError as exc:
+                raise gr.Error(str(exc)) from exc
+
+        return streaming  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    def plain(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            raise gr.Error(str(exc)) from exc
+
+    return plain  # type: ignore[return-value]
 
 
 def register_api(controller: Controller) -> None:
     """Call inside a ``gr.Blocks`` context."""
+    limits = controller.limits
+    uploads = controller.uploads
+    if uploads is None:
+        raise ValueError("the API needs an upload guard (Controller(uploads=...))")
+
+    def new_tokens(value: Any) -> int:
+        return params.integer("max_new_tokens", value, 1, limits.max_new_tokens)
 
     def chat(
         message: str,
@@ -41,48 +72,60 @@ def register_api(controller: Controller) -> None:
 
         Args:
             message: the question (Find mode: what to look for).
-            images: images for this turn.
+            images: images for this turn (uploads: ``handle_file`` in gradio_client).
             history: earlier turns, ``[{"role": "user"|"assistant", "content": str, "images": [file]}]``.
             mode: "Ask", "Find" or "Grounded answer".
             max_new_tokens: reply length cap.
-            temperature: 0 for greedy decoding.
+            temperature: 0 for greedy decoding, else 0.01 to 2.
         Returns:
             Partial results ``{"text", "raw", "boxes", "done", "error"}``; boxes carry ``label``, pixel
             ``xyxy`` on the original (EXIF-transposed) image, ``norm999`` and ``image_index``.
         """
-        session = Session()
-        try:
-            for item in history or []:
-                if item.get("role") == "user":
-                    content = str(item.get("content", ""))
-                    controller.accept(session, content, [_path(f) for f in item.get("images") or []], Mode.ASK)
-                elif item.get("role") == "assistant" and session.turns:
-                    session.update_reply(session.turns[-1], str(item.get("content", "")), final=True)
-            turn, _notes = controller.accept(session, message, [_path(f) for f in images or []], mode)
-        except (UserError, ValueError) as exc:
-            raise gr.Error(str(exc)) from exc
+        # Everything is checked before anything is decoded: types, ranges, the request's size.
+        text = params.text("message", message, limits.max_prompt_chars)
+        chosen_mode = params.mode(mode)
         settings = GenerationSettings(
-            max_new_tokens=controller.limits.clamp_new_tokens(max_new_tokens), temperature=float(temperature)
+            max_new_tokens=new_tokens(max_new_tokens), temperature=params.temperature(temperature)
         )
+        earlier = params.history(
+            history,
+            max_items=limits.max_history_items,
+            max_chars=limits.max_prompt_chars,
+            max_images=limits.max_images_per_turn,
+        )
+        files = params.items("images", images, limits.max_images_per_turn)
+        count = len(files) + sum(len(item.images) for item in earlier)
+        if count > limits.max_images_per_request:
+            raise UserError(
+                f"This request carries {count} images (message and history); the limit is "
+                f"{limits.max_images_per_request}."
+            )
+        paths = [[uploads.api_file(f) for f in item.images] for item in earlier]
+        current = [uploads.api_file(f) for f in files]
+        session = Session()
+        controller.check_budget(session, [p for item_paths in paths for p in item_paths] + current)
+        for item, item_paths in zip(earlier, paths, strict=True):
+            if item.role == "user":
+                controller.accept(session, item.content, item_paths, Mode.ASK)
+            elif session.turns:
+                session.update_reply(session.turns[-1], item.content, final=True)
+        turn, _notes = controller.accept(session, text, current, chosen_mode)
         first_id = 1 + sum(len(t.boxes) for t in session.turns[:-1])  # ids continue the history's
-        try:
-            for update in controller.run_turn(session, turn, settings):
-                yield {
-                    "text": strip_grounding_tags(update.turn.reply),
-                    "raw": update.turn.reply,
-                    "boxes": box_records(session, update.turn, first_id),
-                    "rejected": [r.to_dict() for r in update.turn.rejected],
-                    "done": update.done,
-                    "error": update.turn.error,
-                }
-        except UserError as exc:
-            raise gr.Error(str(exc)) from exc
+        for update in controller.run_turn(session, turn, settings):
+            yield {
+                "text": strip_grounding_tags(update.turn.reply),
+                "raw": update.turn.reply,
+                "boxes": box_records(session, update.turn, first_id),
+                "rejected": [r.to_dict() for r in update.turn.rejected],
+                "done": update.done,
+                "error": update.turn.error,
+            }
 
     def _one_image(image: Any) -> Session:
         session = Session()
-        report = controller.ingest(session, [_path(image)])
+        report = controller.ingest(session, [uploads.api_file(image)])
         if report.problems:
-            raise gr.Error("Could not use " + "; ".join(report.problems))
+            raise UserError("Could not use " + "; ".join(report.problems))
         return session
 
     def ground(image: gr.FileData, phrase: str, max_new_tokens: int = 512) -> dict:
@@ -95,16 +138,14 @@ def register_api(controller: Controller) -> None:
         Returns:
             ``{"boxes": [{"label", "xyxy", "norm999", ...}], "raw_text": str, "document": <studio JSON>}``.
         """
+        phrase = params.text("phrase", phrase, limits.max_prompt_chars)
+        settings = GROUNDING_SETTINGS.with_max(new_tokens(max_new_tokens))
         session = _one_image(image)
-        try:
-            turn = controller.begin(session, phrase, Mode.FIND)
-        except UserError as exc:
-            raise gr.Error(str(exc)) from exc
-        settings = GROUNDING_SETTINGS.with_max(controller.limits.clamp_new_tokens(max_new_tokens))
+        turn = controller.begin(session, phrase, Mode.FIND)
         for _update in controller.run_turn(session, turn, settings):
             pass
         if turn.error:
-            raise gr.Error(turn.error)
+            raise UserError(turn.error)
         document = session_document(session, controller.backend.info)
         return {"boxes": document["turns"][0]["boxes"], "raw_text": turn.reply, "document": document}
 
@@ -118,11 +159,12 @@ def register_api(controller: Controller) -> None:
         Returns:
             ``{"label", "box": {"xyxy", "norm999"}, "contains_point", "notice", "raw_text"}``.
         """
+        point = (params.number("x", x, 0, limits.max_side), params.number("y", y, 0, limits.max_side))
         session = _one_image(image)
         try:
-            result = controller.identify_click(session, "img1", (float(x), float(y)))
-        except ValueError as exc:
-            raise gr.Error(str(exc)) from exc
+            result = controller.identify_click(session, "img1", point)
+        except ValueError as exc:  # the point is outside the image
+            raise UserError(str(exc)) from exc
         return {
             "label": result.label,
             "box": {"xyxy": [round(v, 2) for v in result.box.xyxy], "norm999": list(result.box.norm999)},
@@ -133,31 +175,31 @@ def register_api(controller: Controller) -> None:
 
     def to_coco(document: dict) -> dict:
         """Convert a studio JSON document (from /ground or the JSON export) to COCO detections."""
-        try:
-            return coco_from_document(document)
-        except (KeyError, TypeError, IndexError) as exc:
-            raise gr.Error(f"not a studio document ({exc.__class__.__name__}: {exc})") from exc
+        return coco_from_document(
+            params.studio_document(document, max_boxes=limits.max_boxes, max_label_chars=limits.max_label_chars)
+        )
 
     def annotate(image: gr.FileData, boxes: list[dict]) -> gr.FileData:
         """The image at full resolution with boxes drawn, as PNG.
 
         Args:
             image: the image.
-            boxes: ``[{"label": str, "xyxy": [x1, y1, x2, y2]}]`` in pixels (e.g. /ground's ``boxes``).
+            boxes: ``[{"label": str, "xyxy": [x1, y1, x2, y2]}]`` in pixels (e.g. /ground's ``boxes``);
+                at most ``VL2_MAX_BOXES`` (1000), labels up to ``VL2_MAX_LABEL_CHARS`` (200) characters.
         """
+        wanted = params.labelled_boxes(boxes, max_boxes=limits.max_boxes, max_label_chars=limits.max_label_chars)
         session = _one_image(image)
         turn = session.start_turn("annotate", "annotate", Mode.FIND)
         width, height = session.images["img1"].size
-        try:
-            turn.boxes = [box_from_pixels(b["label"], b["xyxy"], width, height) for b in boxes]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise gr.Error(f"each box needs a label and xyxy: {exc}") from exc
-        path = write_annotated_png(session, "img1", controller.export_dir(session) / "annotated.png")
+        turn.boxes = [box_from_pixels(label, xyxy, width, height) for label, xyxy in wanted]
+        # Straight into Gradio's upload cache, where it is served from and aged out (delete_cache):
+        # the server keeps no file of its own for the call.
+        path = save_bytes_to_cache(annotated_png(session, "img1"), "annotated.png", get_upload_folder())
         return gr.FileData(path=path, mime_type="image/png")
 
     # The model-backed endpoints share the UI's single model lane (and get a GPU on ZeroGPU).
-    gr.api(gpu(chat), api_name="chat", concurrency_id="model", concurrency_limit=1)
-    gr.api(gpu(ground), api_name="ground", concurrency_id="model", concurrency_limit=1)
-    gr.api(gpu(identify), api_name="identify", concurrency_id="model", concurrency_limit=1)
-    gr.api(to_coco, api_name="to_coco")
-    gr.api(annotate, api_name="annotate")
+    gr.api(gpu(user_errors(chat)), api_name="chat", concurrency_id="model", concurrency_limit=1)
+    gr.api(gpu(user_errors(ground)), api_name="ground", concurrency_id="model", concurrency_limit=1)
+    gr.api(gpu(user_errors(identify)), api_name="identify", concurrency_id="model", concurrency_limit=1)
+    gr.api(user_errors(to_coco), api_name="to_coco")
+    gr.api(user_errors(annotate), api_name="annotate")

@@ -8,20 +8,24 @@ or was answered is lost).
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.generation import GenerationSettings
-from model.images import ImageError, ingest_image
+from model.images import ImageError, ShapeLimits, ingest_image, probe_image
+from model.processing import IMAGE_TAG
 
 from .backends.base import Backend, BackendError
 from .click import ClickResult, identify
+from .errors import UserError
 from .exports import coco_from_document, session_document, write_annotated_png, write_json
 from .limits import Limits
 from .modes import Mode, build_prompt
 from .session import Session, Turn
+from .storage import PrivateStorage
+from .uploads import UploadGuard
+from .views import save_atomically
 
 TILING_OFF_NOTICE = (
     "This conversation now has 3 or more images, so the model sees each one as a single 384×384 view "
@@ -39,10 +43,6 @@ class Update:
     notices: tuple[str, ...] = ()
 
 
-class UserError(ValueError):
-    """Bad input; the message tells the user what to do. The session is unchanged."""
-
-
 @dataclass
 class IngestReport:
     added: list[str] = field(default_factory=list)  # image keys now in the session
@@ -52,36 +52,74 @@ class IngestReport:
 
 class Controller:
     def __init__(
-        self, backend: Backend, *, image_dir: str | os.PathLike[str] | None = None, limits: Limits | None = None
+        self,
+        backend: Backend,
+        *,
+        image_dir: str | os.PathLike[str] | None = None,
+        limits: Limits | None = None,
+        uploads: UploadGuard | None = None,
     ) -> None:
+        """``image_dir``: where the private folder is made (default: the system's temp dir);
+        ``uploads``: when set, only files it allows are read (the served app sets it)."""
         self.backend = backend
         self.limits = limits or Limits()
-        self.image_dir = Path(image_dir or Path(tempfile.gettempdir()) / "vl2-studio")
-        self.image_dir.mkdir(parents=True, exist_ok=True)
+        self.storage = PrivateStorage(image_dir)
+        self.uploads = uploads
+        self.shape_limits = ShapeLimits(self.limits.max_pixels, self.limits.max_side, self.limits.max_aspect)
 
     # -- images ------------------------------------------------------------------------------
     def ingest(self, session: Session, sources: Sequence[str | os.PathLike[str]]) -> IngestReport:
-        """Canonicalise uploads (EXIF, RGB) once; refused files are reported, not added."""
+        """Canonicalise uploads (EXIF, RGB) once; refused files are reported, not added.
+
+        The whole message is budgeted before any pixel is decoded: the images and pixels the
+        conversation would then hold (a file sent again is decoded once and shared).
+        """
         if len(sources) > self.limits.max_images_per_turn:
             raise UserError(
                 f"{len(sources)} images in one message; the limit is {self.limits.max_images_per_turn}. "
                 "Send fewer at a time."
             )
+        paths = [self.uploads.local_path(s) if self.uploads else os.fspath(s) for s in sources]
+        self.check_budget(session, paths)
         report = IngestReport()
-        for source in sources:
-            name = Path(str(source)).name
+        for path in paths:
+            name = Path(path).name
+            shared = session.image_from(path)
+            if shared is not None:
+                report.added.append(session.add_image(shared, name, source=path).key)
+                continue
             try:
-                ingested = ingest_image(source, max_pixels=self.limits.max_pixels)
+                ingested = ingest_image(path, limits=self.shape_limits)
             except ImageError as exc:
                 report.problems.append(f"{name}: {exc}")
                 continue
-            entry = session.add_image(ingested.image, name)
-            report.added.append(entry.key)
+            report.added.append(session.add_image(ingested.image, name, source=path).key)
             report.notes += [f"{name}: {note}" for note in ingested.notes]
-            path = Path(self.image_path(session, entry.key))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            ingested.image.save(path)
         return report
+
+    def check_budget(self, session: Session, paths: Sequence[str]) -> None:
+        """Refuse (from the headers alone) a message that would make the conversation too big."""
+        images = len(session.images) + len(paths)
+        if images > self.limits.max_images_per_request:
+            raise UserError(
+                f"This would make {images} images in one conversation; the limit is "
+                f"{self.limits.max_images_per_request}. Clear the conversation or send fewer images."
+            )
+        pixels = session.pixels_held()
+        for path in dict.fromkeys(paths):  # each file once
+            if session.image_from(path) is not None:
+                continue
+            try:
+                width, height = probe_image(path, self.shape_limits)
+            except ImageError:
+                continue  # reported by name when it is opened
+            pixels += width * height
+        if pixels > self.limits.max_request_pixels:
+            raise UserError(
+                f"The images of this conversation would add up to {pixels / 1e6:.0f} MP; the limit is "
+                f"{self.limits.max_request_pixels / 1e6:.0f} MP. Send fewer or smaller images, "
+                "or clear the conversation."
+            )
 
     def rollback(self, session: Session, keys: Sequence[str]) -> None:
         """Forget images added by a request that was then refused (the session is as before)."""
@@ -92,11 +130,23 @@ class Controller:
         if session.active_image not in session.images:
             session.active_image = session.latest_image_key() or next(reversed(session.images), None)
 
+    def session_dir(self, session: Session) -> Path:
+        return self.storage.session_dir(session.session_id)
+
     def image_path(self, session: Session, key: str) -> str:
-        return str(self.image_dir / session.session_id / f"{key}.png")
+        """The canonical image as a PNG for the page (written on first use; the API never needs it)."""
+        path = self.session_dir(session) / f"{key}.png"
+        if not path.exists():
+            save_atomically(session.images[key].image, path)
+        return str(path)
 
     def image_paths(self, session: Session) -> dict[str, str]:
         return {key: self.image_path(session, key) for key in session.images}
+
+    def forget(self, session: Session) -> None:
+        """The session ended (tab closed, expired, cleared): stop its reply and delete its files."""
+        session.cancel_event.set()
+        self.storage.discard_session(session.session_id)
 
     # -- asking ------------------------------------------------------------------------------
     def begin(self, session: Session, text: str, mode: Mode | str) -> Turn:
@@ -107,6 +157,11 @@ class Controller:
         if len(text) > self.limits.max_prompt_chars:
             raise UserError(
                 f"The message is {len(text):,} characters; please keep it under {self.limits.max_prompt_chars:,}."
+            )
+        if IMAGE_TAG in text:
+            raise UserError(
+                f"“{IMAGE_TAG}” is reserved: the app places each attached image in the prompt itself. "
+                "Remove it from the message."
             )
         if len(session.pending_images) > self.limits.max_images_per_turn:
             raise UserError(
@@ -226,7 +281,7 @@ class Controller:
 
     # -- exports -------------------------------------------------------------------------------
     def export_dir(self, session: Session) -> Path:
-        return self.image_dir / session.session_id / "exports"
+        return self.session_dir(session) / "exports"
 
     def export_json(self, session: Session) -> str:
         return write_json(session_document(session, self.backend.info), self.export_dir(session) / "grounding.json")

@@ -25,6 +25,7 @@ COCO follows the detection results layout: ``images``, ``annotations`` (``bbox``
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,13 @@ def write_json(document: dict[str, Any], path: Path) -> str:
     staging.write_text(json.dumps(document, indent=2, ensure_ascii=False), encoding="utf-8")
     staging.replace(path)
     return str(path)
+
+
+def annotated_png(session: Session, key: str) -> bytes:
+    """The image at full resolution with its visible boxes (no pins), encoded as PNG."""
+    buffer = io.BytesIO()
+    annotated_view(session, key, full_resolution=True).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
 
 
 def write_annotated_png(session: Session, key: str, path: Path) -> str:

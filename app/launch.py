@@ -10,8 +10,11 @@ from collections.abc import Sequence
 
 from .backends.base import Backend, BackendInfo
 from .backends.loading import BackgroundLoadedBackend
+from .hosting import default_host
 from .limits import Limits
+from .storage import PrivateStorage
 from .ui import build_demo, launch_options
+from .zerogpu import on_zerogpu, prepare
 
 DEFAULT_MODEL = "deepseek-ai/deepseek-vl2-tiny"
 log = logging.getLogger("vl2-studio")
@@ -51,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("VL2_SERVER_URL", "http://127.0.0.1:8000/v1"),
         help="OpenAI-compatible base URL for --backend openai",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: local only)")
+    parser.add_argument(
+        "--host",
+        default=default_host(),
+        help="interface to bind (default: GRADIO_SERVER_NAME when set, as on Spaces; else %(default)s, local only)",
+    )
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
     return parser
@@ -111,13 +118,24 @@ def make_backend(args: argparse.Namespace) -> Backend:
         log.info("ready: %s", loaded.info.summary())
         return LocalBackend(loaded)
 
+    if on_zerogpu():
+        # ZeroGPU moves the weights onto the GPU per call; it wants them loaded at start-up, in the
+        # main thread (its CUDA interception is per thread), before the server starts.
+        return load(lambda phase: log.info("loading: %s", phase))
     placeholder = BackendInfo(model_id=args.model, precision="loading…", device=args.device or "auto")
     return BackgroundLoadedBackend(load, placeholder)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    prepare()  # on ZeroGPU, `spaces` must come before anything that touches CUDA
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    # Gradio's uploads and cached outputs go to a private folder too (mode 0700, made fresh) unless
+    # the deployment chose one; it is removed once the server has stopped.
+    gradio_files = None
+    if not os.environ.get("GRADIO_TEMP_DIR"):
+        gradio_files = PrivateStorage()
+        os.environ["GRADIO_TEMP_DIR"] = str(gradio_files.root)
     backend = make_backend(args)
     limits = Limits()
     demo = build_demo(backend, limits=limits)
@@ -126,7 +144,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.queue(max_size=limits.queue_size, default_concurrency_limit=1)
     if args.share:
         print("--share: this app will be reachable by anyone with the gradio.live link", file=sys.stderr)
-    demo.launch(
-        server_name=args.host, server_port=args.port, share=args.share, show_error=True, **launch_options(limits)
-    )
+    options = launch_options(limits, host=args.host, share=args.share)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **options)
     return 0

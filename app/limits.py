@@ -1,11 +1,16 @@
-"""Limits that protect the host; each can be changed with an environment variable."""
+"""Limits that protect the host; each can be changed with an environment variable.
+
+Every request is budgeted as a whole (images, pixels and history across the message *and* its
+history), not only each file on its own: one small upload referenced many times must not decode
+into gigabytes. Budgets are checked from image headers, before any pixel is decoded.
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 
-from model.images import DEFAULT_MAX_PIXELS
+from model.images import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
 
 
 def _env_int(name: str, default: int) -> int:
@@ -17,9 +22,17 @@ def _env_int(name: str, default: int) -> int:
 class Limits:
     max_upload_mb: int = field(default_factory=lambda: _env_int("VL2_MAX_UPLOAD_MB", 50))
     max_pixels: int = field(default_factory=lambda: _env_int("VL2_MAX_PIXELS", DEFAULT_MAX_PIXELS))
+    max_side: int = field(default_factory=lambda: _env_int("VL2_MAX_SIDE", DEFAULT_MAX_SIDE))
+    max_aspect: int = field(default_factory=lambda: _env_int("VL2_MAX_ASPECT", DEFAULT_MAX_ASPECT))
     max_images_per_turn: int = field(default_factory=lambda: _env_int("VL2_MAX_IMAGES_PER_TURN", 8))
+    # One request (a message with its history, or one conversation in the page) as a whole.
+    max_images_per_request: int = field(default_factory=lambda: _env_int("VL2_MAX_IMAGES_PER_REQUEST", 16))
+    max_request_pixels: int = field(default_factory=lambda: _env_int("VL2_MAX_REQUEST_PIXELS", 100_000_000))
+    max_history_items: int = field(default_factory=lambda: _env_int("VL2_MAX_HISTORY_ITEMS", 64))
     max_prompt_chars: int = field(default_factory=lambda: _env_int("VL2_MAX_PROMPT_CHARS", 8000))
     max_new_tokens: int = field(default_factory=lambda: _env_int("VL2_MAX_NEW_TOKENS", 2048))
+    max_boxes: int = field(default_factory=lambda: _env_int("VL2_MAX_BOXES", 1000))
+    max_label_chars: int = field(default_factory=lambda: _env_int("VL2_MAX_LABEL_CHARS", 200))
     session_ttl_seconds: int = field(default_factory=lambda: _env_int("VL2_SESSION_TTL", 2 * 3600))
     queue_size: int = field(default_factory=lambda: _env_int("VL2_QUEUE_SIZE", 32))
 

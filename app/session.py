@@ -27,6 +27,7 @@ class SessionImage:
     name: str
     image: Image.Image
     turn: int
+    source: str | None = None  # the file it was read from (a file sent again shares this image)
 
     _display: Image.Image | None = None
 
@@ -74,15 +75,34 @@ class Session:
     hidden_labels: set[str] = field(default_factory=set)
     selected: tuple[int, int] | None = None  # (turn index, box index) highlighted in image and chat
 
+    def __getstate__(self) -> dict:
+        """Picklable (ZeroGPU sends state to and from a forked process): the cancel event is per process."""
+        state = self.__dict__.copy()
+        state.pop("cancel_event", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.cancel_event = threading.Event()
+
     # -- images ------------------------------------------------------------------------------
-    def add_image(self, image: Image.Image, name: str) -> SessionImage:
+    def add_image(self, image: Image.Image, name: str, *, source: str | None = None) -> SessionImage:
         self.images_added += 1
         key = f"img{self.images_added}"
-        entry = SessionImage(key=key, name=name, image=image, turn=len(self.turns))
+        entry = SessionImage(key=key, name=name, image=image, turn=len(self.turns), source=source)
         self.images[key] = entry
         self.pending_images.append(key)
         self.active_image = key
         return entry
+
+    def image_from(self, source: str) -> Image.Image | None:
+        """The decoded image of a file this conversation already holds, if any."""
+        return next((e.image for e in self.images.values() if e.source == source), None)
+
+    def pixels_held(self) -> int:
+        """Decoded pixels this conversation keeps in memory (a shared image counted once)."""
+        unique = {id(e.image): e.image for e in self.images.values()}
+        return sum(image.width * image.height for image in unique.values())
 
     def image_count_after_send(self) -> int:
         return sum(len(t.image_keys) for t in self.turns) + len(self.pending_images)

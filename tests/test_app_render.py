@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from html import unescape
+
 from PIL import Image
 
 from app.render import ColorBook, draw_boxes, font_path, for_display, line_width_for
@@ -60,7 +62,8 @@ def test_markup_in_labels_is_text_not_html(tmp_path):
     )
     html = answer_html(turn, session)
     assert "<img" not in html and "<script>" not in html
-    assert "&lt;img src=x onerror=alert(1)&gt;" in html and "&lt;script&gt;" in html
+    shown = unescape(html)  # what the browser displays: the same characters, as text
+    assert "<img src=x onerror=alert(1)>" in shown and "<script>x</script>" in shown
     assert raw_output(session).startswith("<|ref|><img")  # the raw view shows the exact text
 
 

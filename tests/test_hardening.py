@@ -73,10 +73,13 @@ BAD_FILES = {
     "paper.pdf": (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n", "unsupported"),
     "bomb.png": (bomb_png(), "too_large"),
     "iphone.heic": (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64, "unsupported"),
+    # 64 MP in a strip one pixel high: within the pixel limit, but minutes of work; refused from the header.
+    "strip.png": (bomb_png(64_000_000, 1), "too_large"),
+    "sliver.png": (bomb_png(10, 5000), "bad_shape"),
 }
 GOOD_FILES = {
     "one_pixel.png": (encoded(Image.new("RGB", (1, 1), "white"), "PNG"), (1, 1), []),
-    "needle.png": (encoded(Image.new("RGB", (1, 5000), "white"), "PNG"), (1, 5000), []),
+    "needle.png": (encoded(Image.new("RGB", (25, 5000), "white"), "PNG"), (25, 5000), []),
     "cmyk.jpg": (encoded(Image.new("CMYK", (30, 20), (0, 255, 255, 0)), "JPEG"), (30, 20), []),
     "sixteen_bit.png": (encoded(Image.new("I;16", (30, 20), 40000), "PNG"), (30, 20), []),
     "palette_alpha.png": (palette_with_transparency(), (20, 20), []),

@@ -1,0 +1,384 @@
+"""The app on the internet: what a stranger's raw HTTP requests can and cannot make it do.
+
+Every request goes through the routes a client uses (``/gradio_api/upload``, ``/gradio_api/call/...``
+with hand-written JSON), not only through our own helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from app.backends.scripted import ScriptedBackend
+from app.controller import Controller, UserError
+from app.hosting import AccessPolicy
+from app.limits import Limits
+from app.modes import Mode
+from app.session import Session
+from app.uploads import NOT_AN_UPLOAD, UploadGuard
+from model.generation import GenerationSettings
+
+from .app_support import find_reply, free_port, running_app, solid_image
+from .test_hardening import bomb_png
+
+ROOT = Path(__file__).resolve().parents[1]
+FILE_DATA = {"_type": "gradio.FileData"}
+
+
+def upload(url: str, path: Path) -> dict:
+    """Upload as any client would; returns the FileData dict to send back."""
+    response = httpx.post(f"{url}/gradio_api/upload", files={"files": (path.name, path.read_bytes())}, timeout=60)
+    response.raise_for_status()
+    return {"path": response.json()[0], "meta": FILE_DATA}
+
+
+def call(url: str, name: str, data: list, *, headers: dict | None = None, timeout: float = 120) -> tuple[str, Any]:
+    """``("complete", result)``, ``("error", message)`` or ``("http", status)``."""
+    response = httpx.post(f"{url}/gradio_api/call/{name}", json={"data": data}, headers=headers, timeout=timeout)
+    if response.status_code != 200:
+        return "http", response.status_code
+    event_id = response.json()["event_id"]
+    kind, payload = None, None
+    with httpx.stream("GET", f"{url}/gradio_api/call/{name}/{event_id}", timeout=timeout) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                kind = line.removeprefix("event: ")
+            elif line.startswith("data: ") and kind in ("complete", "error"):
+                payload = json.loads(line.removeprefix("data: "))
+                break
+    if kind == "error":
+        return "error", (payload or {}).get("error")
+    return kind, payload[0] if isinstance(payload, list) else payload
+
+
+@pytest.fixture
+def served(tmp_path):
+    backend = ScriptedBackend(find_reply("thing", (100, 100, 500, 500)))
+    with running_app(backend, tmp_path) as url:
+        yield url.rstrip("/"), backend
+
+
+# -- 1. uploads only ---------------------------------------------------------------------------
+FILE_SLOTS = {
+    "annotate": lambda f: ["annotate", [f, []]],
+    "ground": lambda f: ["ground", [f, "thing", 16]],
+    "identify": lambda f: ["identify", [f, 1, 1]],
+    "chat images": lambda f: ["chat", ["what?", [f], [], "Ask", 16, 0]],
+    "chat history": lambda f: [
+        "chat",
+        ["and?", [], [{"role": "user", "content": "what?", "images": [f]}], "Ask", 16, 0],
+    ],
+}
+FORMS = {
+    "bare string": lambda p: p,
+    "path dict without meta": lambda p: {"path": p},
+    "FileData outside the upload folder": lambda p: {"path": p, "meta": FILE_DATA},
+}
+
+
+@pytest.mark.parametrize("slot", sorted(FILE_SLOTS))
+def test_server_paths_are_refused_alike_whether_or_not_they_exist(served, tmp_path, slot):
+    url, backend = served
+    existing = str(solid_image(tmp_path / "host-secret.png", (40, 30)))  # a real image on the host
+    missing = str(tmp_path / "no-such-file.png")
+    for form_name, form in FORMS.items():
+        outcomes = [call(url, *FILE_SLOTS[slot](form(path))) for path in (existing, missing)]
+        assert outcomes[0][0] == "error", (form_name, outcomes[0])
+        assert outcomes[0] == outcomes[1], f"{form_name}: the answer tells whether the path exists"
+        message = outcomes[0][1] or ""
+        assert "host-secret" not in message and "no-such-file" not in message
+        if form_name != "FileData outside the upload folder":  # that one Gradio refuses before us
+            assert message == NOT_AN_UPLOAD
+    assert backend.conversations == []  # nothing reached the model
+
+
+def test_a_symlink_in_the_upload_folder_does_not_lead_out_of_it(served, tmp_path):
+    url, _backend = served
+    secret = solid_image(tmp_path / "host-secret.png", (40, 30))
+    planted = (
+        Path(upload(url, solid_image(tmp_path / "mine.png", (40, 30)))["path"]).parent / f"link-{tmp_path.name}.png"
+    )
+    planted.unlink(missing_ok=True)
+    planted.symlink_to(secret)
+    kind, message = call(url, "annotate", [{"path": str(planted), "meta": FILE_DATA}, []])
+    assert kind == "error" and message in (None, NOT_AN_UPLOAD)  # Gradio resolves it too, and refuses first
+    guard = UploadGuard([planted.parent])  # our own check, on its own
+    with pytest.raises(UserError, match="must be uploaded"):
+        guard.api_file({"path": str(planted), "meta": FILE_DATA})
+    assert guard.api_file({"path": str(planted.parent / "mine.png"), "meta": FILE_DATA}).endswith("mine.png")
+
+
+def test_uploads_and_examples_are_accepted(served, tmp_path):
+    url, _backend = served
+    kind, result = call(url, "ground", [upload(url, solid_image(tmp_path / "p.png", (300, 200))), "thing", 16])
+    assert kind == "complete" and result["boxes"][0]["label"] == "thing"
+
+
+# -- 2. a budget per request ------------------------------------------------------------------
+def test_images_referenced_across_history_are_counted_before_anything_is_decoded(served, tmp_path):
+    url, backend = served
+    image = upload(url, solid_image(tmp_path / "p.png", (64, 64)))
+    history = [{"role": "user", "content": f"q{i}", "images": [image] * 8} for i in range(3)]
+    kind, message = call(url, "chat", ["and?", [], history, "Ask", 16, 0])
+    assert kind == "error" and "24 images" in message and "limit is 16" in message
+    too_long = [{"role": "user", "content": "q"}] * 65
+    assert call(url, "chat", ["and?", [], too_long, "Ask", 16, 0]) == (
+        "error",
+        "history has 65 entries; the limit is 64.",
+    )
+    assert backend.conversations == []
+
+
+def test_one_file_sent_many_times_is_decoded_once(tmp_path):
+    backend = ScriptedBackend("ok")
+    controller, session = Controller(backend, image_dir=tmp_path), Session()
+    path = solid_image(tmp_path / "p.png", (400, 300))
+    controller.accept(session, "first", [path] * 8, Mode.ASK)
+    images = {id(entry.image) for entry in session.images.values()}
+    assert len(session.images) == 8 and len(images) == 1 and session.pixels_held() == 400 * 300
+
+
+def test_the_pixel_budget_counts_the_whole_conversation(tmp_path):
+    limits = Limits(max_request_pixels=1_000_000)
+    controller, session = Controller(ScriptedBackend("ok"), image_dir=tmp_path, limits=limits), Session()
+    controller.accept(session, "first", [solid_image(tmp_path / "a.png", (800, 800))], Mode.ASK)
+    before = (list(session.images), len(session.turns))
+    with pytest.raises(UserError, match="1 MP"):
+        controller.accept(session, "second", [solid_image(tmp_path / "b.png", (800, 800))], Mode.ASK)
+    assert (list(session.images), len(session.turns)) == before
+
+
+# -- 5. cost caps -------------------------------------------------------------------------------
+def test_a_64_megapixel_strip_is_refused_from_its_header_at_once(served, tmp_path):
+    url, _backend = served
+    strip = tmp_path / "strip.png"
+    strip.write_bytes(bomb_png(1, 64_000_000))  # the header says 1×64,000,000; refused before decoding
+    started = time.monotonic()
+    kind, message = call(url, "annotate", [upload(url, strip), []])
+    elapsed = time.monotonic() - started
+    assert kind == "error" and "longest side" in message and "16,384" in message
+    assert elapsed < 20, f"took {elapsed:.1f} s"
+
+
+def test_annotate_caps_boxes_and_labels(served, tmp_path):
+    url, _backend = served
+    image = upload(url, solid_image(tmp_path / "p.png", (400, 300)))
+    many = [{"label": "x", "xyxy": [1, 2, 3, 4]}] * 100_000
+    started = time.monotonic()
+    assert call(url, "annotate", [image, many]) == ("error", "boxes has 100,000 entries; the limit is 1,000.")
+    assert time.monotonic() - started < 20
+    long_label = [{"label": "x" * 201, "xyxy": [1, 2, 3, 4]}]
+    kind, message = call(url, "annotate", [image, long_label])
+    assert kind == "error" and "boxes[0].label is 201 characters; the limit is 200" in message
+    kind, result = call(url, "annotate", [image, [{"label": "ok", "xyxy": [1, 2, 300, 200]}] * 1000])
+    assert kind == "complete" and Image.open(result["path"]).size == (400, 300)
+
+
+# -- 6. every bad parameter gets a message --------------------------------------------------------
+BAD_PARAMETERS = [
+    ("chat", [123, [], [], "Ask", 16, 0], "message must be text"),
+    ("chat", ["hi", "x.png", [], "Ask", 16, 0], "images must be a list"),
+    ("chat", ["hi", [], "earlier", "Ask", 16, 0], "history must be a list"),
+    ("chat", ["hi", [], ["x"], "Ask", 16, 0], "history[0] must be an object"),
+    ("chat", ["hi", [], [{"role": "system", "content": "x"}], "Ask", 16, 0], 'history[0].role must be "user"'),
+    ("chat", ["hi", [], [{"role": "user", "content": 5}], "Ask", 16, 0], "history[0].content must be text"),
+    ("chat", ["hi", [], [], "Shout", 16, 0], "mode must be one of"),
+    ("chat", ["hi", [], [], "Ask", "many", 0], "max_new_tokens must be a number between 1 and 2048"),
+    ("chat", ["hi", [], [], "Ask", 0, 0], "max_new_tokens must be between 1 and 2048"),
+    ("chat", ["hi", [], [], "Ask", 16.5, 0], "max_new_tokens must be a whole number"),
+    ("chat", ["hi", [], [], "Ask", 16, "NaN"], "temperature must be a number"),
+    ("chat", ["hi", [], [], "Ask", 16, -1], "temperature must be between 0 and 2"),
+    ("chat", ["hi", [], [], "Ask", 16, 1e300], "temperature must be between 0 and 2"),
+    ("chat", ["hi", [], [], "Ask", 16, 1e-300], "temperature must be 0 (greedy) or from 0.01 to 2"),
+    ("chat", ["<image> what is this?", [], [], "Ask", 16, 0], "“<image>” is reserved"),
+    ("chat", ["x" * 9000, [], [], "Ask", 16, 0], "message is 9,000 characters; the limit is 8,000"),
+    ("ground", [None, "thing", 16], "Images must be uploaded"),
+    ("ground", [{"path": None, "meta": FILE_DATA}, "thing", 16], "Images must be uploaded"),
+    ("ground", [[], "thing", 16], "Images must be uploaded"),
+    ("identify", [None, "left", 3], "x must be a number"),
+    ("identify", [None, 1, None], "y must be a number"),
+    ("annotate", [None, "boxes"], "boxes must be a list"),
+    ("annotate", [None, [{"label": "a", "xyxy": [1, 2, 3]}]], "boxes[0].xyxy must be [x1, y1, x2, y2]"),
+    ("annotate", [None, [{"label": ["a"], "xyxy": [1, 2, 3, 4]}]], "boxes[0].label must be text"),
+    ("to_coco", ["document"], "document must be a studio JSON object"),
+    (
+        "to_coco",
+        [{"images": [], "turns": [{"boxes": [{"label": "a", "xyxy": [1, 2, 3, 4], "image_index": 0}]}]}],
+        "document.images is empty",
+    ),
+    ("to_coco", [{"images": "x"}], "document.images must be a list"),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "data", "expected"), BAD_PARAMETERS, ids=[c[2][:40] for c in BAD_PARAMETERS])
+def test_each_bad_parameter_gets_a_message(served, endpoint, data, expected):
+    url, backend = served
+    kind, message = call(url, endpoint, data)
+    assert kind == "error" and message is not None, (kind, message)
+    assert expected in message
+    for internal in ("Traceback", "object has no attribute", "invalid literal", "Error:"):
+        assert internal not in message
+    assert backend.conversations == []
+
+
+def test_typed_image_tags_are_refused_without_a_half_created_turn(tmp_path):
+    controller, session = Controller(ScriptedBackend("ok"), image_dir=tmp_path), Session()
+    path = solid_image(tmp_path / "p.png", (40, 30))
+    with pytest.raises(UserError, match="reserved"):
+        controller.accept(session, "compare <image> and <image>", [path], Mode.ASK)
+    assert session.turns == [] and session.images == {}
+
+
+# -- 4. private, cleaned-up storage ----------------------------------------------------------------
+def test_storage_is_private_fresh_and_emptied(tmp_path):
+    backend = ScriptedBackend(find_reply("thing", (100, 100, 500, 500)))
+    first, second = Controller(backend), Controller(backend)
+    try:
+        assert first.storage.root != second.storage.root
+        assert stat.S_IMODE(first.storage.root.stat().st_mode) == 0o700
+        session = Session()
+        turn, _ = first.accept(session, "thing", [solid_image(tmp_path / "p.png", (300, 200))], Mode.FIND)
+        list(first.run_turn(session, turn, GenerationSettings()))
+        first.image_paths(session)
+        first.export_png(session)
+        assert first.storage.bytes_used() > 0
+        first.forget(session)
+        assert first.storage.bytes_used() == 0 and session.cancel_event.is_set()
+    finally:
+        root = first.storage.root
+        first.storage.close()
+        second.storage.close()
+    assert not root.exists()
+
+
+def test_api_calls_leave_no_files_of_their_own(tmp_path):
+    backend = ScriptedBackend(find_reply("thing", (100, 100, 500, 500)))
+    with running_app(backend, tmp_path) as url:
+        url = url.rstrip("/")
+        image = upload(url, solid_image(tmp_path / "p.png", (300, 200)))
+        for name, data in [
+            ("ground", [image, "thing", 16]),
+            ("identify", [image, 10, 10]),
+            ("chat", ["thing", [image], [], "Find", 16, 0]),
+            ("annotate", [image, [{"label": "a", "xyxy": [1, 2, 30, 40]}]]),
+        ]:
+            assert call(url, name, data)[0] == "complete", name
+        storage_root = next((tmp_path / "images").glob("vl2-studio-*"))
+        files = [p for p in storage_root.rglob("*") if p.is_file()]
+    assert files == []
+
+
+# -- 7. hosting ----------------------------------------------------------------------------------
+def test_host_and_origin_checks(served):
+    url, _backend = served
+    fine = call(url, "to_coco", [{"images": [], "turns": []}])
+    assert fine[0] == "complete"
+    assert call(url, "to_coco", [{}], headers={"Host": "attacker.example"}) == ("http", 400)
+    assert call(url, "to_coco", [{}], headers={"Origin": "http://localhost:3000"}) == ("http", 403)
+    assert call(url, "to_coco", [{}], headers={"Origin": "null"}) == ("http", 403)
+    same_origin = {"Origin": url}
+    assert call(url, "to_coco", [{"images": [], "turns": []}], headers=same_origin)[0] == "complete"
+    big = httpx.post(f"{url}/gradio_api/call/to_coco", content=b"[" + b"1," * 3_000_000 + b"1]", timeout=60)
+    assert big.status_code == 413
+
+
+def test_access_policy_names():
+    local = AccessPolicy.for_launch("127.0.0.1", environ={})
+    assert local.host_allowed("localhost:7860") and local.host_allowed("127.0.0.1:7860")
+    assert local.host_allowed("[::1]:7860") and not local.host_allowed("rebind.attacker.example:7860")
+    space = AccessPolicy.for_launch("0.0.0.0", environ={"SPACE_HOST": "me-studio.hf.space"})
+    assert space.host_allowed("me-studio.hf.space") and not space.host_allowed("other.hf.space")
+    extra = AccessPolicy.for_launch("127.0.0.1", environ={"VL2_ALLOWED_HOSTS": "*.lan, box.internal"})
+    assert extra.host_allowed("pc.lan:7860") and extra.host_allowed("box.internal") and not extra.host_allowed("lan")
+    assert AccessPolicy.for_launch("127.0.0.1", share=True, environ={}).host_allowed("abc123.gradio.live")
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses with a listening TCP socket on ``port`` (from /proc/net/tcp and tcp6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.rsplit(":", 1)
+            if int(hex_port, 16) == port and state == "0A":  # 0A: LISTEN
+                found.add(address)
+    return found
+
+
+def _wait_for_url(process: subprocess.Popen, lines: queue.Queue, seen: list[str]) -> str:
+    while True:
+        line = lines.get(timeout=180)
+        assert line is not None, "app.py exited:\n" + "".join(seen)
+        seen.append(line)
+        if "Running on local URL" in line:
+            return line.split("URL:")[1].strip()
+
+
+def _peak_rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_served_on_all_interfaces_under_gradio_server_name_with_private_uploads_and_a_bounded_peak(tmp_path):
+    """As on a Space: GRADIO_SERVER_NAME=0.0.0.0 binds every interface; a crafted request stays cheap."""
+    port = free_port()
+    env = {**os.environ, "GRADIO_SERVER_NAME": "0.0.0.0", "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    env.pop("GRADIO_TEMP_DIR", None)
+    command = [sys.executable, "app.py", "--backend", "scripted", "--port", str(port)]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()
+
+    def pump() -> None:
+        for line in iter(process.stdout.readline, ""):
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    seen: list[str] = []
+    try:
+        _wait_for_url(process, lines, seen)
+        assert _listening_addresses(port) & {"00000000", "00000000000000000000000000000000"}, "not on all interfaces"
+        url = f"http://127.0.0.1:{port}"
+        big = tmp_path / "big.png"
+        Image.new("RGB", (8000, 8000), (30, 60, 90)).save(big, compress_level=1)  # 192 MB decoded
+        image = upload(url, big)
+        uploaded = Path(image["path"])
+        private_root = next(p for p in uploaded.parents if p.name.startswith("vl2-studio-"))
+        assert stat.S_IMODE(private_root.stat().st_mode) == 0o700
+        other = upload(url, solid_image(tmp_path / "other.png", (8000, 8000)))
+        before = _peak_rss_bytes(process.pid)
+        # Two 64 MP images across history: 128 MP, above the 100 MP budget; refused from the headers.
+        history = [{"role": "user", "content": "q", "images": [image] * 4}, {"role": "assistant", "content": "a"}]
+        history += [{"role": "user", "content": "r", "images": [other] * 4}]
+        started = time.monotonic()
+        kind, message = call(url, "chat", ["and?", [], history, "Ask", 16, 0])
+        assert kind == "error" and "128 MP" in message and time.monotonic() - started < 20
+        refused_growth = _peak_rss_bytes(process.pid) - before
+        # One 64 MP image referenced 8 times: decoded once (it was 8 × ~244 MB before).
+        kind, _result = call(url, "chat", ["and?", [image] * 8, [], "Ask", 16, 0])
+        assert kind == "complete"
+        accepted_growth = _peak_rss_bytes(process.pid) - before
+        print(
+            f"\npeak RSS growth: refused {refused_growth / 2**20:.0f} MiB, accepted {accepted_growth / 2**20:.0f} MiB"
+        )
+        assert refused_growth < 64 * 2**20
+        assert accepted_growth < 400 * 2**20  # one decode (it was about 244 MB per reference)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
