@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -128,6 +129,9 @@ def make_backend(args: argparse.Namespace) -> Backend:
 
 def main(argv: Sequence[str] | None = None) -> int:
     prepare()  # on ZeroGPU, `spaces` must come before anything that touches CUDA
+    # A stop request (SIGTERM, as from a process manager) exits like Ctrl-C, so the private folders
+    # are removed on the way out rather than left in the temp dir.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     # Gradio's uploads and cached outputs go to a private folder too (mode 0700, made fresh) unless

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import random
 from html import unescape
 
-from PIL import Image
+from PIL import Image, ImageChops, ImageDraw
 
-from app.render import ColorBook, draw_boxes, font_path, for_display, line_width_for
+from app.render import ColorBook, _outline, draw_boxes, font_path, for_display, line_width_for
 from app.session import Session
 from app.views import annotated_view, answer_html, raw_output
 from model.grounding import parse_grounding
@@ -79,3 +80,17 @@ def test_annotated_view_draws_on_a_display_copy_of_huge_images():
     color = session.colors.color("thing")
     scale = 2048 / 6000
     assert view.getpixel((round(turn.boxes[0].xyxy[2] * scale), 300)) == color
+
+
+def test_fast_outlines_are_pixel_identical_to_pillows():
+    rng = random.Random(5)
+    for _ in range(500):
+        width, height = rng.randint(10, 300), rng.randint(10, 300)
+        x1, x2 = sorted(rng.randint(-20, width + 20) for _ in range(2))
+        y1, y2 = sorted(rng.randint(-20, height + 20) for _ in range(2))
+        line = rng.randint(1, 30)
+        pillow = Image.new("RGB", (width, height), (9, 9, 9))
+        ours = pillow.copy()
+        ImageDraw.Draw(pillow).rectangle((x1, y1, x2, y2), outline=(255, 0, 0), width=line)
+        _outline(ImageDraw.Draw(ours), (x1, y1, x2, y2), (255, 0, 0), line)
+        assert ImageChops.difference(pillow, ours).getbbox() is None, ((x1, y1, x2, y2), line)
