@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 from PIL import Image
@@ -215,3 +217,26 @@ def test_closing_the_tab_cancels_the_generation(tmp_path):
         assert record.finished.wait(timeout=30)
         browser.close()
     assert record.cancelled_at == 3 and record.pieces_sent == 3
+
+
+def test_closing_the_tab_deletes_the_sessions_files(tmp_path):
+    backend = ScriptedBackend(find_reply("grey square", BOX))
+    image_path = solid_image(tmp_path / "square.png", (900, 600))
+    with running_app(backend, tmp_path) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url)
+        page.get_by_label("Find", exact=True).check()
+        send(page, image_path, "the grey square")
+        page.locator("#box-counts").get_by_text("1 × grey square").wait_for(timeout=30_000)
+        sessions = next((tmp_path / "images").glob("vl2-studio-*")) / "sessions"
+        written = [p.name for p in sessions.rglob("*") if p.is_file()]
+        assert any(name.startswith("view-") for name in written), written  # the annotated view, for one
+        page.close()  # Gradio sees the page's heartbeat end and runs the app's unload handler
+        # Waiting on the server's clean-up, which nothing signals to the test: poll with a deadline.
+        deadline = time.monotonic() + 60
+        while left := [p for p in sessions.rglob("*") if p.is_file()]:
+            assert time.monotonic() < deadline, f"still there a minute after the tab closed: {left}"
+            threading.Event().wait(0.25)
+        print(f"\nsession files gone {60 - (deadline - time.monotonic()):.1f} s after the tab closed")
+        browser.close()

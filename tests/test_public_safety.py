@@ -6,7 +6,6 @@ with hand-written JSON), not only through our own helpers.
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import stat
@@ -14,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from PIL import Image
 
 from app.backends.scripted import ScriptedBackend
 from app.controller import Controller, UserError
+from app.examples import EXAMPLES_DIR
 from app.hosting import AccessPolicy
 from app.limits import Limits
 from app.modes import Mode
@@ -30,37 +31,18 @@ from app.session import Session
 from app.uploads import NOT_AN_UPLOAD, UploadGuard
 from model.generation import GenerationSettings
 
+from . import http_client
 from .app_support import find_reply, free_port, running_app, solid_image
+from .http_client import FILE_DATA, press_send, upload
 from .test_hardening import bomb_png
 
 ROOT = Path(__file__).resolve().parents[1]
-FILE_DATA = {"_type": "gradio.FileData"}
 
 
-def upload(url: str, path: Path) -> dict:
-    """Upload as any client would; returns the FileData dict to send back."""
-    response = httpx.post(f"{url}/gradio_api/upload", files={"files": (path.name, path.read_bytes())}, timeout=60)
-    response.raise_for_status()
-    return {"path": response.json()[0], "meta": FILE_DATA}
-
-
-def call(url: str, name: str, data: list, *, headers: dict | None = None, timeout: float = 120) -> tuple[str, Any]:
+def call(url: str, name: str, data: list, *, headers: dict | None = None) -> tuple[str, Any]:
     """``("complete", result)``, ``("error", message)`` or ``("http", status)``."""
-    response = httpx.post(f"{url}/gradio_api/call/{name}", json={"data": data}, headers=headers, timeout=timeout)
-    if response.status_code != 200:
-        return "http", response.status_code
-    event_id = response.json()["event_id"]
-    kind, payload = None, None
-    with httpx.stream("GET", f"{url}/gradio_api/call/{name}/{event_id}", timeout=timeout) as stream:
-        for line in stream.iter_lines():
-            if line.startswith("event: "):
-                kind = line.removeprefix("event: ")
-            elif line.startswith("data: ") and kind in ("complete", "error"):
-                payload = json.loads(line.removeprefix("data: "))
-                break
-    if kind == "error":
-        return "error", (payload or {}).get("error")
-    return kind, payload[0] if isinstance(payload, list) else payload
+    answer = http_client.call(url, name, data, headers=headers)
+    return answer.kind, answer.value
 
 
 @pytest.fixture
@@ -120,8 +102,28 @@ def test_a_symlink_in_the_upload_folder_does_not_lead_out_of_it(served, tmp_path
     assert guard.api_file({"path": str(planted.parent / "mine.png"), "meta": FILE_DATA}).endswith("mine.png")
 
 
+def test_the_pages_own_send_handler_takes_uploads_only_too(served, tmp_path):
+    """The chat box's handler is "private" to the page, yet anyone can queue it by its fn_index."""
+    url, backend = served
+    secret = str(solid_image(tmp_path / "host-secret.png", (40, 30)))
+    for files in ([secret], [{"path": secret}], [{"path": secret, "meta": FILE_DATA}]):
+        messages = press_send(url, uuid.uuid4().hex[:11], {"text": "what is this?", "files": files})
+        warnings = [m.get("log", "") for m in messages if m["msg"] == "log" and m.get("level") == "warning"]
+        refused_by_us = any("must be uploaded" in w for w in warnings)
+        refused_by_gradio = not messages[-1]["success"]
+        assert refused_by_us or refused_by_gradio, (files, messages[-1])
+    assert backend.conversations == []
+    good = upload(url, solid_image(tmp_path / "mine.png", (40, 30)))
+    final = press_send(url, uuid.uuid4().hex[:11], {"text": "what is this?", "files": [good]})[-1]
+    assert final["success"] and len(backend.conversations) == 1
+
+
 def test_uploads_and_examples_are_accepted(served, tmp_path):
     url, _backend = served
+    guard = UploadGuard([tmp_path / "uploads", EXAMPLES_DIR])  # as build_demo sets it up
+    assert guard.local_path(EXAMPLES_DIR / "cat.jpg") == str((EXAMPLES_DIR / "cat.jpg").resolve())
+    with pytest.raises(UserError):
+        guard.local_path(EXAMPLES_DIR / ".." / "README.md")
     kind, result = call(url, "ground", [upload(url, solid_image(tmp_path / "p.png", (300, 200))), "thing", 16])
     assert kind == "complete" and result["boxes"][0]["label"] == "thing"
 
