@@ -39,6 +39,16 @@ def send(page, image_path, text: str):
     return textbox
 
 
+def open_and_find(playwright, url: str, image_path, text: str):
+    """A desktop-sized page on the app, with ``text`` sent in Find mode about ``image_path``."""
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.get_by_label("Find", exact=True).check()
+    send(page, image_path, text)
+    return browser, page
+
+
 def test_find_draws_the_box_in_the_browser(tmp_path):
     backend = ScriptedBackend(find_reply("grey square", BOX))
     image_path = solid_image(tmp_path / "square.png", (900, 600))
@@ -46,11 +56,7 @@ def test_find_draws_the_box_in_the_browser(tmp_path):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot_path = ARTIFACTS / "browser-find.png"
     with running_app(backend, tmp_path) as url, sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(url)
-        page.get_by_label("Find", exact=True).check()
-        send(page, image_path, "the grey square")
+        browser, page = open_and_find(playwright, url, image_path, "the grey square")
         page.locator("mark", has_text="grey square").wait_for(timeout=30_000)
         shown = page.locator("#image-view img").first
         shown.wait_for(state="visible")
@@ -223,11 +229,7 @@ def test_closing_the_tab_deletes_the_sessions_files(tmp_path):
     backend = ScriptedBackend(find_reply("grey square", BOX))
     image_path = solid_image(tmp_path / "square.png", (900, 600))
     with running_app(backend, tmp_path) as url, sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(url)
-        page.get_by_label("Find", exact=True).check()
-        send(page, image_path, "the grey square")
+        browser, page = open_and_find(playwright, url, image_path, "the grey square")
         page.locator("#box-counts").get_by_text("1 × grey square").wait_for(timeout=30_000)
         sessions = next((tmp_path / "images").glob("vl2-studio-*")) / "sessions"
         written = [p.name for p in sessions.rglob("*") if p.is_file()]
