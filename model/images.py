@@ -34,6 +34,9 @@ except ImportError:
     HEIF_SUPPORTED = False
 
 
+DAMAGED = "the image file is damaged or truncated; save it again or export it as PNG or JPEG"
+
+
 class ImageError(ValueError):
     """The file is not an image we can read; ``category`` says why, the message what to do."""
 
@@ -61,9 +64,13 @@ def canonicalize(image: Image.Image, *, owned: bool = False) -> Image.Image:
     else:
         image = ImageOps.exif_transpose(image) or image
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        del image  # an owned source is freed here: 64 MP is 256 MB as RGBA
+        # Pasted over white with its own alpha as the mask: two full-size images at the peak, where
+        # compositing two RGBA images and converting the result held four.
+        white = Image.new("RGB", rgba.size, (255, 255, 255))
+        white.paste(rgba, (0, 0), rgba)
+        return white
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit greyscale: scale to 8 bits rather than clipping everything above 255 to white.
         image = image.point(lambda v: v / 256).convert("L")
@@ -147,7 +154,7 @@ def _open_checked(source: str | os.PathLike[str] | BinaryIO, limits: ShapeLimits
             raise ImageError(reason, "unsupported") from exc
         raise ImageError("not a readable image (supported: JPEG, PNG, WebP, GIF, BMP, TIFF)", "not_an_image") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"the image file is damaged or truncated ({exc})", "damaged") from exc
+        raise ImageError(DAMAGED, "damaged") from exc
 
 
 def probe_image(source: str | os.PathLike[str], limits: ShapeLimits | None = None) -> tuple[int, int]:
@@ -166,7 +173,10 @@ def ingest_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     limits: ShapeLimits | None = None,
 ) -> IngestedImage:
-    """Open a path, bytes, file object or PIL image as a canonical RGB image, with notes."""
+    """Open a path, bytes, file object or PIL image as a canonical RGB image, with notes.
+
+    ``limits`` (or, for the pixel count alone, ``max_pixels``) bounds what is decoded.
+    """
     if isinstance(source, Image.Image):
         return IngestedImage(canonicalize(source))
     if isinstance(source, bytes):
@@ -176,11 +186,17 @@ def ingest_image(
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"the image file is damaged or truncated ({exc})", "damaged") from exc
+        raise ImageError(DAMAGED, "damaged") from exc
     notes = []
-    if getattr(image, "n_frames", 1) > 1:
-        notes.append(f"animated image: using the first of its {image.n_frames} frames")
-    return IngestedImage(canonicalize(image, owned=True), notes)
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:
+        notes.append(f"animated image: using the first of its {frames} frames")
+    # A single frame is read whole and its file closed by load(), so the decoded image can be used
+    # as it is; a multi-frame file stays open for its other frames: copy the first, close the file.
+    canonical = canonicalize(image, owned=frames == 1)
+    if canonical is not image:
+        image.close()
+    return IngestedImage(canonical, notes)
 
 
 def open_image(

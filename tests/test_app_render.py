@@ -7,7 +7,18 @@ from html import unescape
 
 from PIL import Image, ImageChops, ImageDraw
 
-from app.render import ColorBook, _outline, draw_boxes, font_path, for_display, line_width_for
+from app.render import (
+    LABEL_CHARACTERS_PER_IMAGE,
+    ColorBook,
+    _outline,
+    draw_boxes,
+    fit_label,
+    font_path,
+    font_size_for,
+    for_display,
+    line_width_for,
+    load_font,
+)
 from app.session import Session
 from app.views import annotated_view, answer_html, raw_output
 from model.grounding import parse_grounding
@@ -94,3 +105,20 @@ def test_fast_outlines_are_pixel_identical_to_pillows():
         ImageDraw.Draw(pillow).rectangle((x1, y1, x2, y2), outline=(255, 0, 0), width=line)
         _outline(ImageDraw.Draw(ours), (x1, y1, x2, y2), (255, 0, 0), line)
         assert ImageChops.difference(pillow, ours).getbbox() is None, ((x1, y1, x2, y2), line)
+
+
+def test_long_labels_are_cut_to_the_image_and_drawing_text_has_a_budget():
+    font = load_font(font_size_for(400, 300))
+    cut = fit_label("a very long label " * 20, font, 380)
+    assert cut.endswith("…") and font.getlength(cut) <= 380 and "a very long label ".startswith(cut[:18])
+    assert fit_label("cat", font, 380) == "cat"
+    # More label text than one image may carry: the later boxes keep their outline, not their label.
+    image = Image.new("RGB", (400, 300), BACKGROUND)
+    filler = [((0, 0, 10, 10), "abcd")] * (LABEL_CHARACTERS_PER_IMAGE // 4)  # the whole budget
+    late = ((100, 200, 300, 290), "abcd")
+    above_late_box = (101, 200 - font_size_for(400, 300) // 2)  # inside its label chip, when it has one
+    alone = draw_boxes(image, [late], ColorBook())
+    after_filler = draw_boxes(image, [*filler, late], ColorBook())
+    assert alone.getpixel(above_late_box) == ColorBook().color("abcd")
+    assert after_filler.getpixel(above_late_box) == BACKGROUND
+    assert after_filler.getpixel((200, 290)) == ColorBook().color("abcd")  # its outline is still drawn
