@@ -16,7 +16,7 @@ from model.grounding import strip_grounding_tags
 
 from . import params
 from .click import box_from_pixels
-from .controller import Controller
+from .controller import Controller, refuse_reserved_tokens
 from .errors import UserError
 from .exports import annotated_png, box_records, coco_from_document, session_document
 from .modes import Mode
@@ -94,21 +94,20 @@ def register_api(controller: Controller) -> None:
             max_images=limits.max_images_per_turn,
         )
         files = params.items("images", images, limits.max_images_per_turn)
-        count = len(files) + sum(len(item.images) for item in earlier)
-        if count > limits.max_images_per_request:
-            raise UserError(
-                f"This request carries {count} images (message and history); the limit is "
-                f"{limits.max_images_per_request}."
-            )
         paths = [[uploads.api_file(f) for f in item.images] for item in earlier]
         current = [uploads.api_file(f) for f in files]
         session = Session()
         controller.check_budget(session, [p for item_paths in paths for p in item_paths] + current)
-        for item, item_paths in zip(earlier, paths, strict=True):
-            if item.role == "user":
-                controller.accept(session, item.content, item_paths, Mode.ASK)
-            elif session.turns:
-                session.update_reply(session.turns[-1], item.content, final=True)
+        for index, (item, item_paths) in enumerate(zip(earlier, paths, strict=True)):
+            try:
+                if item.role == "user":
+                    controller.accept(session, item.content, item_paths, Mode.ASK)
+                else:
+                    refuse_reserved_tokens(item.content, "the reply")
+                    if session.turns:
+                        session.update_reply(session.turns[-1], item.content, final=True)
+            except UserError as exc:
+                raise UserError(f"history[{index}]: {exc}") from exc
         turn, _notes = controller.accept(session, text, current, chosen_mode)
         first_id = 1 + sum(len(t.boxes) for t in session.turns[:-1])  # ids continue the history's
         for update in controller.run_turn(session, turn, settings):
@@ -161,10 +160,7 @@ def register_api(controller: Controller) -> None:
         """
         point = (params.number("x", x, 0, limits.max_side), params.number("y", y, 0, limits.max_side))
         session = _one_image(image)
-        try:
-            result = controller.identify_click(session, "img1", point)
-        except ValueError as exc:  # the point is outside the image
-            raise UserError(str(exc)) from exc
+        result = controller.identify_click(session, "img1", point)
         return {
             "label": result.label,
             "box": {"xyxy": [round(v, 2) for v in result.box.xyxy], "norm999": list(result.box.norm999)},

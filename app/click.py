@@ -26,6 +26,7 @@ from model.processing import Message
 from model.prompts import find_prompt
 
 from .backends.base import Backend
+from .errors import UserError
 
 NAME_PROMPT = "What is the object in the center of this image? Answer with a short noun phrase only."
 CROP_FRACTION = 0.4
@@ -106,7 +107,7 @@ def _ask(backend: Backend, conversation: list[Message], settings: GenerationSett
 def identify(backend: Backend, image: Image.Image, x: float, y: float, cached: Sequence[Box] = ()) -> ClickResult:
     """Name and box for the object under pixel ``(x, y)`` of ``image`` (canonical, original size)."""
     if not (0 <= x < image.width and 0 <= y < image.height):
-        raise ValueError(f"the point ({x:.0f}, {y:.0f}) is outside the {image.width}×{image.height} image")
+        raise UserError(f"the point ({x:.0f}, {y:.0f}) is outside the {image.width}×{image.height} image")
     hit, inside = pick_box([b for b in cached if b.label], x, y)
     if hit is not None and inside:
         return ClickResult(hit.label or "object", hit, True, True, None, "(from boxes already found on this image)")

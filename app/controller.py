@@ -7,6 +7,7 @@ or was answered is lost).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from model.generation import GenerationSettings
 from model.images import ImageError, ShapeLimits, ingest_image, probe_image
-from model.processing import IMAGE_TAG
+from model.tokenizer import BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN
 
 from .backends.base import Backend, BackendError
 from .click import ClickResult, identify
@@ -27,6 +28,7 @@ from .storage import PrivateStorage
 from .uploads import UploadGuard
 from .views import save_atomically
 
+log = logging.getLogger("vl2-studio")
 TILING_OFF_NOTICE = (
     "This conversation now has 3 or more images, so the model sees each one as a single 384×384 view "
     "(no high-resolution tiling). For fine detail, keep only the active image."
@@ -48,6 +50,20 @@ class IngestReport:
     added: list[str] = field(default_factory=list)  # image keys now in the session
     problems: list[str] = field(default_factory=list)  # refused files, with the reason
     notes: list[str] = field(default_factory=list)  # accepted, but worth saying (e.g. animated GIF)
+
+
+# Tokens that frame the conversation: typed into a message they would forge turns or images. The
+# grounding tags (<|ref|>, <|det|>, <|grounding|>) stay: typing them is how users ask for boxes.
+RESERVED_TOKENS = (IMAGE_TOKEN, "<|User|>", "<|Assistant|>", BOS_TOKEN, EOS_TOKEN, PAD_TOKEN)
+
+
+def refuse_reserved_tokens(text: str, where: str = "the message") -> None:
+    found = [token for token in RESERVED_TOKENS if token in text]
+    if found:
+        raise UserError(
+            f"“{found[0]}” is reserved: the app places images and conversation turns in the prompt itself. "
+            f"Remove it from {where}."
+        )
 
 
 class Controller:
@@ -102,8 +118,8 @@ class Controller:
         images = len(session.images) + len(paths)
         if images > self.limits.max_images_per_request:
             raise UserError(
-                f"This would make {images} images in one conversation; the limit is "
-                f"{self.limits.max_images_per_request}. Clear the conversation or send fewer images."
+                f"The conversation would hold {images} images (its history included); the limit is "
+                f"{self.limits.max_images_per_request}. Send fewer images, or start a new conversation."
             )
         pixels = session.pixels_held()
         for path in dict.fromkeys(paths):  # each file once
@@ -144,13 +160,28 @@ class Controller:
         return {key: self.image_path(session, key) for key in session.images}
 
     def forget(self, session: Session) -> None:
-        """The session ended (tab closed, expired, cleared): stop its reply and delete its files."""
+        """The session ended (tab closed, expired, cleared): stop its reply, delete its files, free its images.
+
+        A reply still streaming sees ``session.closed`` and ends without writing anything back.
+        """
+        session.closed = True
         session.cancel_event.set()
         self.storage.discard_session(session.session_id)
+        session.images.clear()
+        session.pending_images.clear()
 
     # -- asking ------------------------------------------------------------------------------
+    def check_turns(self, session: Session) -> None:
+        """Every turn is drawn and listed on each update: a conversation has a length limit."""
+        if len(session.turns) >= self.limits.max_turns:
+            raise UserError(
+                f"This conversation has {len(session.turns)} turns, the most it may have. "
+                "Export what you need, then Clear to start a new one."
+            )
+
     def begin(self, session: Session, text: str, mode: Mode | str) -> Turn:
         """Validate and open a new turn (raises :class:`UserError` with the session untouched)."""
+        self.check_turns(session)
         text = (text or "").strip()
         if not text:
             raise UserError("Type a question (or, in Find mode, what to look for).")
@@ -158,11 +189,7 @@ class Controller:
             raise UserError(
                 f"The message is {len(text):,} characters; please keep it under {self.limits.max_prompt_chars:,}."
             )
-        if IMAGE_TAG in text:
-            raise UserError(
-                f"“{IMAGE_TAG}” is reserved: the app places each attached image in the prompt itself. "
-                "Remove it from the message."
-            )
+        refuse_reserved_tokens(text)
         if len(session.pending_images) > self.limits.max_images_per_turn:
             raise UserError(
                 f"{len(session.pending_images)} images in one turn; the limit is {self.limits.max_images_per_turn}."
@@ -190,21 +217,28 @@ class Controller:
             raise
 
     def fit_context(self, session: Session, settings: GenerationSettings) -> list[str]:
-        """Drop the oldest turns until prompt + reply fit the context; returns notices."""
+        """Drop the oldest turns until prompt + reply fit the context; returns notices.
+
+        When even the new turn alone does not fit, nothing is dropped: the conversation is put back
+        as it was and the new turn, with the images it brought, is taken out.
+        """
         budget = self.backend.info.context_length - settings.max_new_tokens
-        notices = []
+        before = (list(session.turns), dict(session.images), session.active_image, session.selected)
+        dropped = 0
         while self.backend.count_tokens(session.messages()) > budget and len(session.turns) > 1:
             session.drop_oldest_turn()
-            notices.append(
-                "The conversation was longer than the model's 4,096-token context; the oldest turn was dropped."
-            )
+            dropped += 1
         if self.backend.count_tokens(session.messages()) > budget:
-            session.turns.pop()
+            session.turns, session.images, session.active_image, session.selected = before
+            turn = session.turns.pop()
+            self.rollback(session, turn.image_keys)
             raise UserError(
                 "This message and its images do not fit the model's context. "
                 "Use fewer images, a shorter message, or lower 'max new tokens'."
             )
-        return notices[:1]
+        if dropped:
+            return ["The conversation was longer than the model's 4,096-token context; the oldest turn was dropped."]
+        return []
 
     def run_turn(self, session: Session, turn: Turn, settings: GenerationSettings) -> Iterator[Update]:
         """Stream the reply for ``turn``; boxes are parsed as each ``<|/det|>`` arrives."""
@@ -236,8 +270,9 @@ class Controller:
                 yield Update(turn, boxes_changed=changed, done=False)
         except BackendError as exc:
             turn.error = str(exc)
-        except Exception as exc:  # a backend bug must not take the server down
-            turn.error = f"The model backend failed: {exc.__class__.__name__}: {exc}"
+        except Exception:  # a backend bug must not take the server down; its details are for the log
+            log.exception("the model backend failed")
+            turn.error = "The model backend failed on this request (details are in the server's log)."
         finally:
             # Only the user's Stop sets this event while the reply runs; closing the handle (below)
             # ends a generation that is still going, e.g. when the browser went away.
@@ -265,7 +300,7 @@ class Controller:
         return x * original.width / shown.width, y * original.height / shown.height
 
     def place_pin(self, session: Session, key: str, point: tuple[float, float]) -> None:
-        session.pins.setdefault(key, []).append(point)
+        session.add_pin(key, point)
         session.active_image = key
 
     def identify_click(self, session: Session, key: str, point: tuple[float, float]) -> ClickResult:
@@ -276,6 +311,12 @@ class Controller:
         pins = session.pins.get(key, [])
         if point in pins:
             pins.remove(point)  # add_click_turn records the pin with its turn
+        last = session.turns[-1] if session.turns else None
+        again = last is not None and last.kind == "click" and last.boxes and last.boxes[0].xyxy == result.box.xyxy
+        if result.from_cache and again:
+            session.selected = (len(session.turns) - 1, 0)  # the same object again: no new turn
+            return result
+        self.check_turns(session)
         session.add_click_turn(key, point, result.label, result.box, result.raw_text)
         return result
 

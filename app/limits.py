@@ -31,6 +31,7 @@ class Limits:
     max_history_items: int = field(default_factory=lambda: _env_int("VL2_MAX_HISTORY_ITEMS", 64))
     max_prompt_chars: int = field(default_factory=lambda: _env_int("VL2_MAX_PROMPT_CHARS", 8000))
     max_new_tokens: int = field(default_factory=lambda: _env_int("VL2_MAX_NEW_TOKENS", 2048))
+    max_turns: int = field(default_factory=lambda: _env_int("VL2_MAX_TURNS", 200))
     max_boxes: int = field(default_factory=lambda: _env_int("VL2_MAX_BOXES", 1000))
     max_label_chars: int = field(default_factory=lambda: _env_int("VL2_MAX_LABEL_CHARS", 200))
     session_ttl_seconds: int = field(default_factory=lambda: _env_int("VL2_SESSION_TTL", 2 * 3600))

@@ -20,6 +20,8 @@ from model.processing import Message
 from .modes import Mode
 from .render import ColorBook, for_display
 
+MAX_PINS = 32
+
 
 @dataclass
 class SessionImage:
@@ -74,6 +76,7 @@ class Session:
     click_cache: dict[str, list[Box]] = field(default_factory=dict)  # every box seen per image, for clicks
     hidden_labels: set[str] = field(default_factory=set)
     selected: tuple[int, int] | None = None  # (turn index, box index) highlighted in image and chat
+    closed: bool = False  # ended (tab closed, expired, cleared): nothing more is shown or written
 
     def __getstate__(self) -> dict:
         """Picklable (ZeroGPU sends state to and from a forked process): the cancel event is per process."""
@@ -240,11 +243,17 @@ class Session:
             kind="click",
         )
         self.turns.append(turn)
-        self.pins.setdefault(image_key, []).append(point)
+        self.add_pin(image_key, point)
         self.active_image = image_key
         self.colors.color(label)
         self.selected = (len(self.turns) - 1, 0)
         return turn
+
+    def add_pin(self, image_key: str, point: tuple[float, float]) -> None:
+        """Mark a click; an image keeps its latest :data:`MAX_PINS` (each is drawn on every view)."""
+        pins = self.pins.setdefault(image_key, [])
+        pins.append(point)
+        del pins[:-MAX_PINS]
 
     def drop_oldest_turn(self) -> Turn:
         """Forget the oldest turn (and images only it used) to fit the context."""

@@ -3,19 +3,28 @@
 The folder is made fresh with ``mkdtemp`` (mode 0700, a new random name), never an existing one
 adopted: a fixed name under the shared temp dir lets other local users read every upload, or
 plant the folder (or a symlink) first and have the app write into it. A session's folder goes
-when the session ends; a call's folder when the call ends; the whole folder when the process exits.
+when the session ends (and is never made again for it); the whole folder when the process exits.
+API calls write nothing here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
-import uuid
 import weakref
-from collections.abc import Iterator
 from pathlib import Path
+
+from .errors import UserError
+
+
+class SessionEnded(UserError):
+    """A session's files were deleted; nothing may write them again (a reply still streaming, say)."""
+
+
+def _remove_tree(root: Path, owner_pid: int) -> None:
+    if os.getpid() == owner_pid:  # not from a forked child (ZeroGPU's) that happens to exit normally
+        shutil.rmtree(root, ignore_errors=True)
 
 
 class PrivateStorage:
@@ -23,7 +32,8 @@ class PrivateStorage:
         if parent is not None:
             Path(parent).mkdir(parents=True, exist_ok=True)
         self.root = Path(tempfile.mkdtemp(prefix="vl2-studio-", dir=parent))
-        self._remove = weakref.finalize(self, shutil.rmtree, self.root, ignore_errors=True)
+        self._ended: set[str] = set()
+        self._remove = weakref.finalize(self, _remove_tree, self.root, os.getpid())
 
     def _child(self, *parts: str) -> Path:
         path = self.root.joinpath(*parts)
@@ -31,19 +41,14 @@ class PrivateStorage:
         return path
 
     def session_dir(self, session_id: str) -> Path:
+        if session_id in self._ended:
+            raise SessionEnded("This conversation has ended; start a new one.")
         return self._child("sessions", session_id)
 
     def discard_session(self, session_id: str) -> None:
+        """Delete the session's files, for good: its folder is never made again."""
+        self._ended.add(session_id)
         shutil.rmtree(self.root / "sessions" / session_id, ignore_errors=True)
-
-    @contextlib.contextmanager
-    def call_dir(self) -> Iterator[Path]:
-        """A folder for one API call's files, removed when the call ends."""
-        path = self._child("calls", uuid.uuid4().hex)
-        try:
-            yield path
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
 
     def bytes_used(self) -> int:
         return sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())

@@ -22,6 +22,7 @@ from .hosting import AccessPolicy, middleware
 from .limits import Limits
 from .modes import MODE_HELP, Mode
 from .session import Session
+from .storage import SessionEnded
 from .uploads import UploadGuard
 from .views import annotated_view_file, box_rows, chat_messages, label_summary, prune_views, raw_output, view_signature
 from .zerogpu import gpu, on_zerogpu
@@ -193,6 +194,8 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits:
             # it is the same object, and on ZeroGPU every copy sent would be pickled, images and all.
             state_out = session
             for update in controller.run_turn(session, turn, settings):
+                if session.closed:  # cleared or left mid-reply: the state now holds another session
+                    return
                 if update.notices:
                     notice = "\n\n".join(update.notices)
                 if update.done:
@@ -212,9 +215,15 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits:
                     state_out,
                 )
                 state_out = gr.skip()
+        except SessionEnded:  # ended between the check above and a file it wrote
+            return
         except UserError as exc:
             gr.Warning(html.escape(str(exc)))
             yield (*render_all(session), keep_message, session)
+
+    def remember_session(session: Session | None, request: gr.Request) -> None:
+        if session is not None:
+            session_of(session, request)
 
     def stop(session: Session | None) -> None:
         if session is not None:
@@ -255,7 +264,12 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits:
             pins = session.pins.get(key, [])
             if (float(x), float(y)) in pins:
                 pins.remove((float(x), float(y)))
-            gr.Warning(html.escape(f"Could not identify the object: {exc}"))
+            if isinstance(exc, UserError):
+                reason = str(exc)
+            else:  # the details are for the log, not the page
+                log.exception("click-to-ground failed")
+                reason = "the model failed on this request (details are in the server's log)"
+            gr.Warning(html.escape(f"Could not identify the object: {reason}"))
             return (*render_all(session), session)
         notice = result.notice or ("Answered from boxes already found on this image." if result.from_cache else "")
         return (*render_all(session, notice), session)
@@ -332,10 +346,17 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits:
         request: gr.Request,
     ) -> Iterator[tuple]:
         session = session_of(session, request)
-        last = session.undo()
-        if last is None or last.kind != "chat":
+        try:  # checked before the last turn is taken back, so a refusal leaves it where it was
+            settings_from(temperature, top_p, repetition_penalty, max_new_tokens)
+        except UserError as exc:
+            gr.Warning(html.escape(str(exc)))
             yield (*render_all(session), gr.skip(), session)
             return
+        if not session.turns or session.turns[-1].kind != "chat":
+            gr.Warning("There is no question to ask again: Retry repeats the last message you sent.")
+            yield (*render_all(session), gr.skip(), session)
+            return
+        last = session.undo()
         text = {"text": last.user_text, "files": []}
         yield from respond_impl(
             text, last.mode.value, temperature, top_p, repetition_penalty, max_new_tokens, session, request
@@ -450,6 +471,10 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits:
             respond, [textbox, mode, *sampling, state], [*views, textbox, state], **model_lane, **private
         )
         retried = retry_button.click(retry, [mode, *sampling, state], [*views, textbox, state], **model_lane, **private)
+        # On ZeroGPU the handlers above run in a forked process; the session they return is
+        # registered here, in the server's, so that closing the tab finds it.
+        for event in (sent, retried):
+            event.then(remember_session, [state], None, queue=False, **private)
         # On ZeroGPU the reply runs in another process that the session's cancel event cannot reach;
         # cancelling the event there closes the handler, and `spaces` stops the child's generator.
         stop_cancels = [sent, retried] if on_zerogpu() else None
