@@ -7,8 +7,9 @@
 * **Origin.** Gradio's CORS answers any ``http://localhost:*`` page (and any page at all once the
   Host is not a loopback name). A browser request from another origin is refused here; clients
   that are not browsers send no ``Origin`` and are not affected. ``VL2_ALLOWED_ORIGINS`` adds more.
-* **Body size.** A JSON body is parsed whole before any of our checks run; it is capped
-  (uploads have Gradio's own ``max_file_size``).
+* **Body size.** A JSON body is parsed whole before any of our checks run; it is capped at 4 MB.
+  An upload may carry one message's files (Gradio's ``max_file_size`` bounds each file, not their
+  number).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import json
 import os
 import socket
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
+
+from starlette.middleware import Middleware
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -31,6 +34,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 ALL_INTERFACES = ("0.0.0.0", "::", "")
 MAX_JSON_BODY_BYTES = 4 * 2**20
+UPLOAD_PATH = "/gradio_api/upload"
 
 
 def default_host() -> str:
@@ -63,10 +67,18 @@ class AccessPolicy:
     hosts: tuple[str, ...]  # exact names, or "*.domain" for its sub-domains, or "*" for any
     origins: tuple[str, ...] = ()  # extra origins ("https://example.com"), besides the same origin
     max_body_bytes: int = MAX_JSON_BODY_BYTES
-    upload_paths: tuple[str, ...] = field(default=("/gradio_api/upload",))
+    max_upload_bytes: int = 8 * 50 * 2**20  # one message's images at the largest upload size
 
     @classmethod
-    def for_launch(cls, host: str, *, share: bool = False, environ: MutableMapping[str, str] | None = None):
+    def for_launch(
+        cls,
+        host: str,
+        *,
+        share: bool = False,
+        max_upload_bytes: int | None = None,
+        environ: MutableMapping[str, str] | None = None,
+    ) -> AccessPolicy:
+        """The policy for serving on ``host``, from the environment (Spaces' ``SPACE_HOST``, ``VL2_ALLOWED_*``)."""
         environ = os.environ if environ is None else environ
         hosts = list(LOOPBACK_NAMES)
         if host.lower() not in ALL_INTERFACES:
@@ -79,7 +91,12 @@ class AccessPolicy:
             hosts.append("*.gradio.live")
         hosts += _split_list(environ.get("VL2_ALLOWED_HOSTS"))
         origins = tuple(o.rstrip("/") for o in _split_list(environ.get("VL2_ALLOWED_ORIGINS")))
-        return cls(tuple(dict.fromkeys(hosts)), origins)
+        policy = cls(tuple(dict.fromkeys(hosts)), origins)
+        return policy if max_upload_bytes is None else replace(policy, max_upload_bytes=max_upload_bytes)
+
+    def body_limit(self, path: str) -> int:
+        """Uploads (multipart) may carry one message's files; everything else is JSON."""
+        return self.max_upload_bytes if path.endswith(UPLOAD_PATH) else self.max_body_bytes
 
     def host_allowed(self, host_header: str) -> bool:
         host = _host_only(host_header)
@@ -154,33 +171,40 @@ class AccessGuard:
             if scope["type"] == "http":
                 await _refuse(send, 403, "Cross-origin requests are not accepted (see VL2_ALLOWED_ORIGINS).")
             return
-        if scope["type"] == "http" and not scope.get("path", "").endswith(self.policy.upload_paths):
-            declared = headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > self.policy.max_body_bytes:
-                await _refuse(send, 413, f"The request body is above {self.policy.max_body_bytes // 2**20} MB.")
-                return
-            receive = _capped(receive, self.policy.max_body_bytes)
+        if scope["type"] == "http":
+            await self._bounded(scope, headers, receive, send)
+            return
         await self.app(scope, receive, send)
 
+    async def _bounded(self, scope: Scope, headers: dict[str, str], receive: Receive, send: Send) -> None:
+        """Run the request with its body capped: a declared length at once, a chunked body as it arrives."""
+        limit = self.policy.body_limit(scope.get("path", ""))
+        message = f"The request body is above the {limit / 2**20:.0f} MB this route accepts."
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            await _refuse(send, 413, message)
+            return
+        seen, over = 0, False
 
-def _capped(receive: Receive, limit: int) -> Receive:
-    """A body sent without a length (chunked) is cut off once it passes the limit."""
-    seen = 0
+        async def capped_receive() -> Message:
+            nonlocal seen, over
+            received = await receive()
+            if received["type"] == "http.request":
+                seen += len(received.get("body", b""))
+                if seen > limit:
+                    over = True
+                    return {"type": "http.disconnect"}  # the app stops reading and answers
+            return received
 
-    async def capped() -> Message:
-        nonlocal seen
-        message = await receive()
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                return {"type": "http.disconnect"}
-        return message
+        async def answer(sent: Message) -> None:
+            if not over:
+                await send(sent)
+            elif sent["type"] == "http.response.start":  # whatever the app says, the client reads why
+                await _refuse(send, 413, message)
 
-    return capped
+        await self.app(scope, capped_receive, answer)
 
 
-def middleware(policy: AccessPolicy) -> list:
+def middleware(policy: AccessPolicy) -> list[Middleware]:
     """``launch(app_kwargs={"middleware": middleware(policy)})``."""
-    from starlette.middleware import Middleware
-
     return [Middleware(AccessGuard, policy=policy)]

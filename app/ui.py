@@ -66,7 +66,9 @@ def launch_options(limits: Limits | None = None, *, host: str = "127.0.0.1", sha
     (``app/hosting.py``) checks Host, Origin and body size on every request.
     """
     limits = limits or Limits()
-    policy = AccessPolicy.for_launch(host, share=share)
+    # One upload request may carry one message's images (and its multipart framing).
+    upload_bytes = (limits.max_upload_mb * limits.max_images_per_turn + 1) * 2**20
+    policy = AccessPolicy.for_launch(host, share=share, max_upload_bytes=upload_bytes)
     return {
         "css": CSS,
         "js": KEYBOARD_JS,

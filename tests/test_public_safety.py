@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import queue
+import socket
 import stat
 import subprocess
 import sys
@@ -343,8 +344,24 @@ def test_host_and_origin_checks(served):
     assert call(url, "to_coco", [{}], headers={"Origin": "null"}) == ("http", 403)
     same_origin = {"Origin": url}
     assert call(url, "to_coco", [{"images": [], "turns": []}], headers=same_origin)[0] == "complete"
-    big = httpx.post(f"{url}/gradio_api/call/to_coco", content=b"[" + b"1," * 3_000_000 + b"1]", timeout=60)
-    assert big.status_code == 413
+    body = b'{"data": [[' + b"1," * 3_000_000 + b"1]]}"
+    big = httpx.post(f"{url}/gradio_api/call/to_coco", content=body, timeout=60)
+    assert big.status_code == 413 and "4 MB" in big.json()["error"]
+
+    def chunked():  # no Content-Length: cut off as it arrives, still answered with the reason
+        for _ in range(60):
+            yield b"1," * 50_000
+
+    streamed = httpx.post(f"{url}/gradio_api/call/to_coco", content=chunked(), timeout=60)
+    assert streamed.status_code == 413 and "4 MB" in streamed.json()["error"]
+    # An upload announcing 410 MB (more than a message's 8 × 50 MB) is refused before a byte is read.
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(
+            b"POST /gradio_api/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 429916160\r\n"
+            b"Content-Type: multipart/form-data; boundary=x\r\n\r\n"
+        )
+        assert connection.recv(4096).startswith(b"HTTP/1.1 413")
 
 
 def test_access_policy_names():
