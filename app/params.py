@@ -14,6 +14,9 @@ from typing import Any
 from .errors import UserError
 from .modes import Mode
 
+# Far beyond any image this app takes (16,384 px a side), yet finite: coordinates are data, not sizes.
+PIXEL_LIMIT = 1e6
+NAME_MAX_CHARS = 1000  # an image's file name in a document
 TEMPERATURE_MAX = 2.0
 # Sampling divides the logits by the temperature: far below this it overflows to inf/NaN. Smaller
 # non-zero values are refused rather than silently treated as greedy.
@@ -52,10 +55,11 @@ def temperature(value: Any) -> float:
     return result
 
 
-def text(name: str, value: Any, max_chars: int) -> str:
+def text(name: str, value: Any, max_chars: int | None) -> str:
+    """A string of at most ``max_chars`` characters (``None``: the caller checks the length itself)."""
     if not isinstance(value, str):
         raise UserError(f"{name} must be text, not {_kind(value)}.")
-    if len(value) > max_chars:
+    if max_chars is not None and len(value) > max_chars:
         raise UserError(f"{name} is {len(value):,} characters; the limit is {max_chars:,}.")
     return value
 
@@ -105,9 +109,13 @@ def history(value: Any, *, max_items: int, max_chars: int, max_images: int) -> l
 
 
 def xyxy(name: str, value: Any) -> tuple[float, float, float, float]:
+    """``[x1, y1, x2, y2]`` in pixels, with x1 ≤ x2 and y1 ≤ y2."""
     if not isinstance(value, list | tuple) or len(value) != 4:
         raise UserError(f"{name} must be [x1, y1, x2, y2] (4 numbers in pixels), not {_kind(value)}.")
-    return tuple(number(f"{name}[{i}]", v, -1e9, 1e9) for i, v in enumerate(value))  # type: ignore[return-value]
+    x1, y1, x2, y2 = (number(f"{name}[{i}]", v, -PIXEL_LIMIT, PIXEL_LIMIT) for i, v in enumerate(value))
+    if x1 > x2 or y1 > y2:
+        raise UserError(f"{name} must have x1 ≤ x2 and y1 ≤ y2; got {list(value)!r}.")
+    return x1, y1, x2, y2
 
 
 def labelled_boxes(value: Any, *, max_boxes: int, max_label_chars: int) -> list[tuple[str, tuple[float, ...]]]:
@@ -126,6 +134,7 @@ def studio_document(value: Any, *, max_boxes: int, max_label_chars: int) -> dict
     """A studio JSON document (``/ground``'s ``document`` or the JSON export), checked field by field."""
     if not isinstance(value, dict):
         raise UserError(f"document must be a studio JSON object (from /ground or the JSON export), not {_kind(value)}.")
+    # One bound for the whole document: no more images, turns or boxes than /annotate's box limit.
     images = items("document.images", value.get("images"), max_boxes)
     clean_images = []
     for index, image in enumerate(images):
@@ -135,9 +144,9 @@ def studio_document(value: Any, *, max_boxes: int, max_label_chars: int) -> dict
         clean_images.append(
             {
                 "index": index,
-                "name": text(f"{where}.name", image.get("name", ""), 1000),
-                "width": integer(f"{where}.width", image.get("width"), 1, 10**6),
-                "height": integer(f"{where}.height", image.get("height"), 1, 10**6),
+                "name": text(f"{where}.name", image.get("name", ""), NAME_MAX_CHARS),
+                "width": integer(f"{where}.width", image.get("width"), 1, int(PIXEL_LIMIT)),
+                "height": integer(f"{where}.height", image.get("height"), 1, int(PIXEL_LIMIT)),
             }
         )
     turns = items("document.turns", value.get("turns"), max_boxes)

@@ -181,7 +181,7 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits:
         keep_message = gr.update(value={"text": message.get("text", ""), "files": files})
         try:
             settings = settings_from(temperature, top_p, repetition_penalty, max_new_tokens)
-            text = params.text("message", message.get("text", ""), controller.limits.max_prompt_chars * 4)
+            text = params.text("message", message.get("text", ""), None)  # its length: Controller.begin
             turn, notes = controller.accept(session, text, files, params.mode(mode))
         except UserError as exc:
             gr.Warning(html.escape(str(exc)))

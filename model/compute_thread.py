@@ -14,9 +14,11 @@ Two situations need other threads:
 * **After a fork** (ZeroGPU runs each GPU call in a forked process) the child has only the thread
   that forked; a compute thread inherited from the parent does not exist there, and jobs queued
   to it would wait for ever. The child starts a compute thread of its own on first use.
-* **ZeroGPU** wants CUDA work in the threads it prepared (its patched ``torch`` modes are per
-  thread): :func:`use_caller_threads` makes :func:`run` work in the calling thread and
-  :func:`submit` start a thread per job, as plain ``transformers`` code would.
+* **ZeroGPU** intercepts CUDA in the server process through ``torch`` modes it enters in the main
+  thread only, so the model must be loaded there, not on a worker; and in its forked GPU process
+  (real CUDA, no interception) the GPU, not OpenMP, does the work. :func:`use_caller_threads`
+  makes :func:`run` work in the calling thread (the load) and :func:`submit` start a thread per
+  job (a streamed generation), as plain ``transformers`` code would.
 """
 
 from __future__ import annotations

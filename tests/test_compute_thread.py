@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import threading
 
 import pytest
@@ -64,3 +66,20 @@ def test_the_thread_benchmark_times_both_ways_per_step(capsys):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(report["compute_thread_ms"]) == len(report["fresh_thread_ms"]) == 1
     assert report["compute_thread_ms"][0] > 0 and report["fresh_over_compute_thread"] > 0
+
+
+def _answer_in_a_fork(results) -> None:
+    results.put((compute_thread.run(lambda: threading.current_thread().name), os.getpid()))
+
+
+def test_a_forked_child_gets_a_compute_thread_of_its_own():
+    """ZeroGPU runs each GPU call in a fork, where the parent's compute thread does not exist."""
+    assert compute_thread.run(lambda: 1) == 1  # the parent's thread is running
+    fork = multiprocessing.get_context("fork")
+    results = fork.SimpleQueue()
+    child = fork.Process(target=_answer_in_a_fork, args=(results,), daemon=True)
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0, "the job queued in the child never ran"
+    name, pid = results.get()
+    assert name == "vl2-compute" and pid != os.getpid()

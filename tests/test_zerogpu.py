@@ -169,9 +169,7 @@ def zerogpu_app(checkpoints, tmp_path_factory) -> Iterator[str]:
         from app import zerogpu
         from model import compute_thread
 
-        prepare = getattr(zerogpu, "prepare", None)  # what app/launch.py:main() calls at start-up
-        if prepare is not None:
-            prepare()
+        zerogpu.prepare()  # what app/launch.py:main() calls first: imports spaces, caller threads
         try:
             # Imported here, not at the top: the stand-in's tests above do not depend on the app.
             from app.backends.local import LocalBackend
@@ -196,8 +194,7 @@ def zerogpu_app(checkpoints, tmp_path_factory) -> Iterator[str]:
                 fake_spaces.reap()
                 demo.close()
         finally:
-            if prepare is not None and hasattr(compute_thread, "use_caller_threads"):
-                compute_thread.use_caller_threads(False)
+            compute_thread.use_caller_threads(False)
 
 
 @pytest.fixture
