@@ -190,7 +190,7 @@ def register_api(controller: Controller) -> None:
         turn.boxes = [box_from_pixels(label, xyxy, width, height) for label, xyxy in wanted]
         # Straight into Gradio's upload cache, where it is served from and aged out (delete_cache):
         # the server keeps no file of its own for the call.
-        path = save_bytes_to_cache(annotated_png(session, "img1"), "annotated.png", get_upload_folder())
+        path = save_bytes_to_cache(annotated_png(session, "img1", last_use=True), "annotated.png", get_upload_folder())
         return gr.FileData(path=path, mime_type="image/png")
 
     # The model-backed endpoints share the UI's single model lane (and get a GPU on ZeroGPU).

@@ -126,10 +126,15 @@ def write_json(document: dict[str, Any], path: Path) -> str:
     return str(path)
 
 
-def annotated_png(session: Session, key: str) -> bytes:
-    """The image at full resolution with its visible boxes (no pins), encoded as PNG."""
+def annotated_png(session: Session, key: str, *, last_use: bool = False) -> bytes:
+    """The image at full resolution with its visible boxes (no pins), encoded as PNG.
+
+    ``last_use``: the session's image is not needed afterwards (a one-call API session), so the
+    boxes are drawn on it rather than on a copy.
+    """
     buffer = io.BytesIO()
-    annotated_view(session, key, full_resolution=True).save(buffer, format="PNG", compress_level=1)
+    drawn = annotated_view(session, key, full_resolution=True, in_place=last_use)
+    drawn.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 

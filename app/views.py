@@ -93,7 +93,9 @@ def chat_messages(session: Session, image_paths: dict[str, str]) -> list[dict]:
     return messages
 
 
-def annotated_view(session: Session, key: str | None, *, full_resolution: bool = False) -> Image.Image | None:
+def annotated_view(
+    session: Session, key: str | None, *, full_resolution: bool = False, in_place: bool = False
+) -> Image.Image | None:
     """The image with the visible boxes that belong to it (the selected one thicker) and click pins.
 
     Sized for the browser, unless ``full_resolution`` (the PNG export, without pins).
@@ -111,7 +113,7 @@ def annotated_view(session: Session, key: str | None, *, full_resolution: bool =
             highlight = len(boxes)
         boxes.append((tuple(v * scale for v in box.xyxy), box.label or "object"))
     pins = [] if full_resolution else [(x * scale, y * scale) for x, y in session.pins.get(key, [])]
-    return draw_boxes(shown, boxes, session.colors, highlight=highlight, pins=pins)
+    return draw_boxes(shown, boxes, session.colors, highlight=highlight, pins=pins, in_place=in_place)
 
 
 def view_signature(session: Session, key: str | None) -> str:
