@@ -257,6 +257,7 @@ class Controller:
         seen_boxes = 0
         # Incremental: each token costs the new text only, not a re-parse of the whole reply.
         parser = session.reply_parser(turn)
+        session.replying = True
         try:
             yield Update(turn, boxes_changed=False, done=False, notices=notices)
             for delta in handle:
@@ -278,6 +279,7 @@ class Controller:
             # ends a generation that is still going, e.g. when the browser went away.
             turn.stopped = session.cancel_event.is_set() and not turn.error
             handle.close()
+            session.replying = False
         turn.reply = text
         if parser is not None:
             session.record_grounding(turn, parser.finish(), final=True)

@@ -77,16 +77,20 @@ class Session:
     hidden_labels: set[str] = field(default_factory=set)
     selected: tuple[int, int] | None = None  # (turn index, box index) highlighted in image and chat
     closed: bool = False  # ended (tab closed, expired, cleared): nothing more is shown or written
+    replying: bool = False  # a reply is streaming into the last turn (in this process)
 
     def __getstate__(self) -> dict:
-        """Picklable (ZeroGPU sends state to and from a forked process): the cancel event is per process."""
+        """Picklable (ZeroGPU sends state to and from a forked process): the cancel event and the
+        reply in progress belong to the process they are in."""
         state = self.__dict__.copy()
         state.pop("cancel_event", None)
+        state.pop("replying", None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.cancel_event = threading.Event()
+        self.replying = False
 
     # -- images ------------------------------------------------------------------------------
     def add_image(self, image: Image.Image, name: str, *, source: str | None = None) -> SessionImage:

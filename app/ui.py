@@ -30,6 +30,7 @@ from .zerogpu import gpu, on_zerogpu
 log = logging.getLogger("vl2-studio")
 TITLE = "VL2 Grounding Studio"
 BOX_HEADERS = ["#", "label", "image", "turn", "pixels x1, y1, x2, y2", "0–999"]
+WAIT_FOR_REPLY = "A reply is still being written: press Stop (Esc) first, or wait for it to finish."
 KEYBOARD_HELP = "Keys: Enter sends · Esc stops · 1–9 select a box · click the image to ask “what is this?”"
 CSS = """
 #header h1 {margin-bottom: 0}
@@ -321,13 +322,18 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits:
 
     def keep_active(session: Session | None):
         session = session or Session()
-        if session.active_image:
+        if session.replying:
+            gr.Warning(WAIT_FOR_REPLY)
+        elif session.active_image:
             session.keep_only(session.active_image)
             gr.Info("Kept only the active image; ask your next question about it.")
         return (*render_all(session), session)
 
     def undo(session: Session | None):
         session = session or Session()
+        if session.replying:  # the turn being written is not taken away under the reply
+            gr.Warning(WAIT_FOR_REPLY)
+            return (*render_all(session), gr.skip(), session)
         turn = session.undo()
         text = turn.user_text if turn and turn.kind == "chat" else ""
         return (*render_all(session), gr.update(value={"text": text, "files": []}), session)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import threading
 
 import pytest
@@ -180,3 +181,20 @@ def test_retry_and_undo(tmp_path):
     assert len(backend.conversations) == 2
     undone = session.undo()
     assert undone.user_text == "first" and session.turns == []
+
+
+def test_a_session_says_while_a_reply_is_being_written(tmp_path):
+    """The page refuses Undo and "keep only" while this is set (they would take the turn away)."""
+    _backend, controller, session = make(tmp_path, "one two three four")
+    turn, _ = controller.accept(session, "hello", [], Mode.ASK)
+    stream = controller.run_turn(session, turn, GenerationSettings())
+    next(stream)
+    assert session.replying
+    list(stream)
+    assert not session.replying
+    turn, _ = controller.accept(session, "again", [], Mode.ASK)
+    stream = controller.run_turn(session, turn, GenerationSettings())
+    next(stream)
+    stream.close()  # the browser went away mid-reply
+    assert not session.replying
+    assert not pickle.loads(pickle.dumps(session)).replying
