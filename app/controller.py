@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,9 @@ class Controller:
         self.storage = PrivateStorage(image_dir)
         self.uploads = uploads
         self.shape_limits = ShapeLimits(self.limits.max_pixels, self.limits.max_side, self.limits.max_aspect)
+        # Every conversation holding decoded images, for the server-wide budget; a session that ends
+        # (or, for a one-call API session, is simply dropped) leaves it.
+        self._holders: weakref.WeakValueDictionary[str, Session] = weakref.WeakValueDictionary()
 
     # -- images ------------------------------------------------------------------------------
     def ingest(self, session: Session, sources: Sequence[str | os.PathLike[str]]) -> IngestReport:
@@ -97,6 +101,7 @@ class Controller:
             )
         paths = [self.uploads.local_path(s) if self.uploads else os.fspath(s) for s in sources]
         self.check_budget(session, paths)
+        self._holders[session.session_id] = session
         report = IngestReport()
         for path in paths:
             name = Path(path).name
@@ -136,6 +141,12 @@ class Controller:
                 f"{self.limits.max_request_pixels / 1e6:.0f} MP. Send fewer or smaller images, "
                 "or clear the conversation."
             )
+        others = sum(held.pixels_held() for held in list(self._holders.values()) if held is not session)
+        if others + pixels > self.limits.max_server_pixels:
+            raise UserError(
+                "The server is holding as many images as it can for other conversations right now. "
+                "Try again in a few minutes, or with fewer or smaller images."
+            )
 
     def rollback(self, session: Session, keys: Sequence[str]) -> None:
         """Forget images added by a request that was then refused (the session is as before)."""
@@ -165,6 +176,7 @@ class Controller:
         A reply still streaming sees ``session.closed`` and ends without writing anything back.
         """
         session.closed = True
+        self._holders.pop(session.session_id, None)
         session.cancel_event.set()
         self.storage.discard_session(session.session_id)
         session.images.clear()

@@ -28,6 +28,8 @@ class Limits:
     # One request (a message with its history, or one conversation in the page) as a whole.
     max_images_per_request: int = field(default_factory=lambda: _env_int("VL2_MAX_IMAGES_PER_REQUEST", 16))
     max_request_pixels: int = field(default_factory=lambda: _env_int("VL2_MAX_REQUEST_PIXELS", 100_000_000))
+    # All conversations together (3 GB as RGB at the default): past it, new images wait for others to end.
+    max_server_pixels: int = field(default_factory=lambda: _env_int("VL2_MAX_SERVER_PIXELS", 1_000_000_000))
     max_history_items: int = field(default_factory=lambda: _env_int("VL2_MAX_HISTORY_ITEMS", 64))
     max_prompt_chars: int = field(default_factory=lambda: _env_int("VL2_MAX_PROMPT_CHARS", 8000))
     max_new_tokens: int = field(default_factory=lambda: _env_int("VL2_MAX_NEW_TOKENS", 2048))

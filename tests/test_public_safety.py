@@ -252,6 +252,18 @@ def test_each_bad_parameter_gets_a_message(served, endpoint, data, expected):
     assert backend.conversations == []
 
 
+def test_all_conversations_together_have_a_pixel_budget(tmp_path):
+    limits = Limits(max_server_pixels=1_000_000)
+    controller = Controller(ScriptedBackend("ok"), image_dir=tmp_path, limits=limits)
+    first, second = Session(), Session()
+    controller.accept(first, "one", [solid_image(tmp_path / "a.png", (800, 800))], Mode.ASK)
+    with pytest.raises(UserError, match="other conversations"):
+        controller.accept(second, "two", [solid_image(tmp_path / "b.png", (800, 800))], Mode.ASK)
+    assert second.images == {} and second.turns == []
+    controller.forget(first)  # the tab closed: its images no longer count
+    controller.accept(second, "two", [solid_image(tmp_path / "b.png", (800, 800))], Mode.ASK)
+
+
 def test_a_message_that_cannot_fit_the_context_changes_nothing(tmp_path):
     backend = ScriptedBackend("ok", tokens_per_image=1500)  # two images take most of the 4,096 tokens
     controller, session = Controller(backend, image_dir=tmp_path), Session()
