@@ -246,7 +246,7 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits:
         if key is None or not isinstance(event.index, list | tuple) or len(event.index) != 2:
             return gr.skip(), session, None
         try:
-            shown = [params.number("click", v, 0, 1e6) for v in event.index]
+            shown = [params.number("click", v, 0, params.PIXEL_LIMIT) for v in event.index]
         except UserError:
             return gr.skip(), session, None
         point = controller.display_to_original(session, key, *shown)
