@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.generation import GenerationSettings
-from model.images import ImageError, ShapeLimits, ingest_image, probe_image
+from model.images import ImageError, ingest_image, probe_image
 from model.tokenizer import BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN
 
 from .backends.base import Backend, BackendError
 from .click import ClickResult, identify
-from .errors import UserError
+from .errors import SessionEnded, UserError
 from .exports import coco_from_document, session_document, write_annotated_png, write_json
 from .limits import Limits
 from .modes import Mode, build_prompt
@@ -82,7 +82,6 @@ class Controller:
         self.limits = limits or Limits()
         self.storage = PrivateStorage(image_dir)
         self.uploads = uploads
-        self.shape_limits = ShapeLimits(self.limits.max_pixels, self.limits.max_side, self.limits.max_aspect)
         # Every conversation holding decoded images, for the server-wide budget; a session that ends
         # (or, for a one-call API session, is simply dropped) leaves it.
         self._holders: weakref.WeakValueDictionary[str, Session] = weakref.WeakValueDictionary()
@@ -110,7 +109,7 @@ class Controller:
                 report.added.append(session.add_image(shared, name, source=path).key)
                 continue
             try:
-                ingested = ingest_image(path, limits=self.shape_limits)
+                ingested = ingest_image(path, limits=self.limits.shape)
             except ImageError as exc:
                 report.problems.append(f"{name}: {exc}")
                 continue
@@ -131,7 +130,7 @@ class Controller:
             if session.image_from(path) is not None:
                 continue
             try:
-                width, height = probe_image(path, self.shape_limits)
+                width, height = probe_image(path, self.limits.shape)
             except ImageError:
                 continue  # reported by name when it is opened
             pixels += width * height
@@ -158,6 +157,9 @@ class Controller:
             session.active_image = session.latest_image_key() or next(reversed(session.images), None)
 
     def session_dir(self, session: Session) -> Path:
+        """The session's folder; an ended session's is gone for good (a reply still streaming may ask)."""
+        if session.closed:
+            raise SessionEnded("This conversation has ended; start a new one.")
         return self.storage.session_dir(session.session_id)
 
     def image_path(self, session: Session, key: str) -> str:

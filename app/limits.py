@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from model.images import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
+from model.images import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ShapeLimits
 
 
 def _env_int(name: str, default: int) -> int:
@@ -38,6 +38,11 @@ class Limits:
     max_label_chars: int = field(default_factory=lambda: _env_int("VL2_MAX_LABEL_CHARS", 200))
     session_ttl_seconds: int = field(default_factory=lambda: _env_int("VL2_SESSION_TTL", 2 * 3600))
     queue_size: int = field(default_factory=lambda: _env_int("VL2_QUEUE_SIZE", 32))
+
+    @property
+    def shape(self) -> ShapeLimits:
+        """What one image may measure (pixels, longest side, aspect), for the header checks."""
+        return ShapeLimits(self.max_pixels, self.max_side, self.max_aspect)
 
     def clamp_new_tokens(self, value: int) -> int:
         return max(1, min(int(value), self.max_new_tokens))

@@ -3,7 +3,8 @@
 The folder is made fresh with ``mkdtemp`` (mode 0700, a new random name), never an existing one
 adopted: a fixed name under the shared temp dir lets other local users read every upload, or
 plant the folder (or a symlink) first and have the app write into it. A session's folder goes
-when the session ends (and is never made again for it); the whole folder when the process exits.
+when the session ends (the controller then never asks for it again); the whole folder when the
+process exits.
 API calls write nothing here.
 """
 
@@ -14,12 +15,6 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
-
-from .errors import UserError
-
-
-class SessionEnded(UserError):
-    """A session's files were deleted; nothing may write them again (a reply still streaming, say)."""
 
 
 def _remove_tree(root: Path, owner_pid: int) -> None:
@@ -32,7 +27,6 @@ class PrivateStorage:
         if parent is not None:
             Path(parent).mkdir(parents=True, exist_ok=True)
         self.root = Path(tempfile.mkdtemp(prefix="vl2-studio-", dir=parent))
-        self._ended: set[str] = set()
         self._remove = weakref.finalize(self, _remove_tree, self.root, os.getpid())
 
     def _child(self, *parts: str) -> Path:
@@ -41,13 +35,9 @@ class PrivateStorage:
         return path
 
     def session_dir(self, session_id: str) -> Path:
-        if session_id in self._ended:
-            raise SessionEnded("This conversation has ended; start a new one.")
         return self._child("sessions", session_id)
 
     def discard_session(self, session_id: str) -> None:
-        """Delete the session's files, for good: its folder is never made again."""
-        self._ended.add(session_id)
         shutil.rmtree(self.root / "sessions" / session_id, ignore_errors=True)
 
     def bytes_used(self) -> int:

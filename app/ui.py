@@ -16,13 +16,13 @@ from model.generation import GenerationSettings
 from . import params
 from .api import register_api
 from .backends.base import Backend
-from .controller import Controller, UserError
+from .controller import Controller
+from .errors import SessionEnded, UserError
 from .examples import EXAMPLES, EXAMPLES_DIR
 from .hosting import AccessPolicy, middleware
 from .limits import Limits
 from .modes import MODE_HELP, Mode
 from .session import Session
-from .storage import SessionEnded
 from .uploads import UploadGuard
 from .views import annotated_view_file, box_rows, chat_messages, label_summary, prune_views, raw_output, view_signature
 from .zerogpu import gpu, on_zerogpu

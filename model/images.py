@@ -65,7 +65,6 @@ def canonicalize(image: Image.Image, *, owned: bool = False) -> Image.Image:
         image = ImageOps.exif_transpose(image) or image
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image if image.mode == "RGBA" else image.convert("RGBA")
-        del image  # an owned source is freed here: 64 MP is 256 MB as RGBA
         # Pasted over white with its own alpha as the mask: two full-size images at the peak, where
         # compositing two RGBA images and converting the result held four.
         white = Image.new("RGB", rgba.size, (255, 255, 255))

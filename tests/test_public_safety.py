@@ -24,12 +24,12 @@ from PIL import Image
 
 from app.backends.scripted import ScriptedBackend
 from app.controller import Controller, UserError
+from app.errors import SessionEnded
 from app.examples import EXAMPLES_DIR
 from app.hosting import AccessPolicy
 from app.limits import Limits
 from app.modes import Mode
 from app.session import Session
-from app.storage import SessionEnded
 from app.uploads import NOT_AN_UPLOAD, UploadGuard
 from model.generation import GenerationSettings
 
