@@ -18,14 +18,16 @@ from model.generation import GenerationSettings
 from model.images import ImageError, ingest_image, probe_image
 from model.tokenizer import BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN
 
+from . import served
 from .backends.base import Backend, BackendError
 from .click import ClickResult, identify
 from .errors import SessionEnded, UserError
 from .exports import coco_from_document, session_document, write_annotated_png, write_json
 from .limits import Limits
 from .modes import Mode, build_prompt
-from .session import Session, Turn
+from .session import Session, SessionImage, Turn
 from .storage import PrivateStorage
+from .streaming import coalesced
 from .uploads import UploadGuard
 from .views import save_atomically
 
@@ -172,6 +174,18 @@ class Controller:
     def image_paths(self, session: Session) -> dict[str, str]:
         return {key: self.image_path(session, key) for key in session.images}
 
+    def view_url(self, session: Session, entry: SessionImage) -> str:
+        """Where the page fetches ``entry``'s browser-sized copy (written once; boxes are drawn by the browser)."""
+        return served.file_url(self.view_paths(session, [entry])[entry.key])
+
+    def view_paths(self, session: Session, entries: Sequence[SessionImage] | None = None) -> dict[str, str]:
+        """Browser-sized copies (of all the session's images by default), for the chat's thumbnails."""
+        if session.closed:
+            raise SessionEnded("This conversation has ended; start a new one.")
+        folder = served.views_folder(session.session_id)
+        chosen = session.images.values() if entries is None else entries
+        return {entry.key: served.view_file(entry, folder) for entry in chosen}
+
     def forget(self, session: Session) -> None:
         """The session ended (tab closed, expired, cleared): stop its reply, delete its files, free its images.
 
@@ -181,6 +195,7 @@ class Controller:
         self._holders.pop(session.session_id, None)
         session.cancel_event.set()
         self.storage.discard_session(session.session_id)
+        served.discard_views(session.session_id)
         session.images.clear()
         session.pending_images.clear()
 
@@ -254,8 +269,14 @@ class Controller:
             return ["The conversation was longer than the model's 4,096-token context; the oldest turn was dropped."]
         return []
 
-    def run_turn(self, session: Session, turn: Turn, settings: GenerationSettings) -> Iterator[Update]:
-        """Stream the reply for ``turn``; boxes are parsed as each ``<|/det|>`` arrives."""
+    def run_turn(
+        self, session: Session, turn: Turn, settings: GenerationSettings, *, pace: tuple[float, float] | None = None
+    ) -> Iterator[Update]:
+        """Stream the reply for ``turn``; boxes are parsed as each ``<|/det|>`` arrives.
+
+        ``pace``: (seconds between updates, between updates that close a box) — text arriving
+        sooner is joined into the next update (``streaming.coalesced``); None: one per delta.
+        """
         settings = settings.with_max(self.limits.clamp_new_tokens(settings.max_new_tokens))
         try:
             notices = tuple(self.fit_context(session, settings))
@@ -272,9 +293,10 @@ class Controller:
         # Incremental: each token costs the new text only, not a re-parse of the whole reply.
         parser = session.reply_parser(turn)
         session.replying = True
+        deltas = handle if pace is None else coalesced(handle, interval=pace[0], box_interval=pace[1])
         try:
             yield Update(turn, boxes_changed=False, done=False, notices=notices)
-            for delta in handle:
+            for delta in deltas:
                 text += delta
                 turn.reply = text
                 if parser is not None:
@@ -292,7 +314,10 @@ class Controller:
             # Only the user's Stop sets this event while the reply runs; closing the handle (below)
             # ends a generation that is still going, e.g. when the browser went away.
             turn.stopped = session.cancel_event.is_set() and not turn.error
-            handle.close()
+            if deltas is handle:
+                handle.close()
+            else:  # cancels a reply still running; the reading thread closes the handle
+                deltas.close()
             session.replying = False
         turn.reply = text
         if parser is not None:
@@ -304,7 +329,7 @@ class Controller:
 
     def retry_turn(self, session: Session) -> Turn | None:
         """Re-open the last turn with the same words, images and mode."""
-        last = session.undo()
+        last = session.undo_turn()
         if last is None:
             return None
         return session.start_turn(last.user_text, last.prompt, last.mode)

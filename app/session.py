@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import uuid
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from PIL import Image
 
@@ -21,6 +22,7 @@ from .modes import Mode
 from .render import ColorBook, for_display
 
 MAX_PINS = 32
+MAX_EDITS = 100  # box edits Undo can take back (the session is pickled to the GPU process on each request)
 
 
 @dataclass
@@ -30,6 +32,7 @@ class SessionImage:
     image: Image.Image
     turn: int
     source: str | None = None  # the file it was read from (a file sent again shares this image)
+    served_path: str | None = None  # its browser-sized copy, once written for the page (app/served.py)
 
     _display: Image.Image | None = None
 
@@ -61,6 +64,24 @@ class Turn:
 
 
 @dataclass
+class BoxEdit:
+    """A rename or delete made in the box panel, kept so that Undo can take it back.
+
+    The turn is held by reference, not by index: dropping the oldest turn shifts every index (and
+    the controller puts a list of turns back when a message does not fit), so a stored index would
+    come to name another turn's box. Pickling the session keeps these references shared with
+    ``Session.turns``, since both are in the one pickle.
+    """
+
+    kind: Literal["rename", "delete"]
+    turn: Turn  # the turn whose box was edited
+    box_index: int  # where the box was in ``turn.boxes``
+    box: Box  # the box as it was before the edit
+    after: Turn | None  # the last turn when the edit was made: a turn added later is undone first
+    label: str | None = None  # a rename's new label
+
+
+@dataclass
 class Session:
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     images: dict[str, SessionImage] = field(default_factory=dict)
@@ -78,6 +99,7 @@ class Session:
     selected: tuple[int, int] | None = None  # (turn index, box index) highlighted in image and chat
     closed: bool = False  # ended (tab closed, expired, cleared): nothing more is shown or written
     replying: bool = False  # a reply is streaming into the last turn (in this process)
+    edits: list[BoxEdit] = field(default_factory=list)  # box renames and deletes, oldest first, for Undo
 
     def __getstate__(self) -> dict:
         """Picklable (ZeroGPU sends state to and from a forked process): the cancel event and the
@@ -216,9 +238,12 @@ class Session:
         if box is None or not label:
             return None
         turn_index, box_index = self.selected
+        self.colors.color(label)
+        if label == box.label:
+            return box  # nothing changed, so nothing for Undo to spend a click on
         renamed = replace(box, label=label)
         self.turns[turn_index].boxes[box_index] = renamed
-        self.colors.color(label)
+        self.record_edit(BoxEdit("rename", self.turns[turn_index], box_index, box, self.turns[-1], label))
         return renamed
 
     def delete_selected(self) -> Box | None:
@@ -228,7 +253,36 @@ class Session:
         turn_index, box_index = self.selected
         del self.turns[turn_index].boxes[box_index]
         self.selected = None
+        self.record_edit(BoxEdit("delete", self.turns[turn_index], box_index, box, self.turns[-1]))
         return box
+
+    def record_edit(self, edit: BoxEdit) -> None:
+        self.edits.append(edit)
+        del self.edits[:-MAX_EDITS]
+
+    def index_of(self, turn: Turn | None) -> int | None:
+        """Where ``turn`` is in the conversation now (by identity: equal turns may repeat)."""
+        return next((i for i, t in enumerate(self.turns) if t is turn), None)
+
+    def edit_applies(self, edit: BoxEdit, turn_index: int) -> bool:
+        """Whether the boxes still look as ``edit`` left them; a reply re-parsed while it streams
+        replaces its turn's boxes, and reverting onto those would change a box the edit never touched."""
+        boxes = self.turns[turn_index].boxes
+        if edit.kind == "rename":
+            return edit.box_index < len(boxes) and boxes[edit.box_index] == replace(edit.box, label=edit.label)
+        # A box's span makes it unique within its turn, so finding it there means it came back another way.
+        return edit.box_index <= len(boxes) and edit.box not in boxes
+
+    def revert_edit(self, edit: BoxEdit, turn_index: int) -> None:
+        boxes = self.turns[turn_index].boxes
+        if edit.kind == "rename":
+            boxes[edit.box_index] = edit.box
+        else:
+            boxes.insert(edit.box_index, edit.box)
+        self.colors.color(edit.box.label)  # the colour it had: a ColorBook never forgets a label
+        # Selected, so the user sees what came back (and on which image).
+        self.selected = (turn_index, edit.box_index)
+        self.active_image = self.turns[turn_index].target_image or self.active_image
 
     def remember_boxes(self, image_key: str, boxes: list[Box]) -> None:
         cache = self.click_cache.setdefault(image_key, [])
@@ -263,6 +317,8 @@ class Session:
         """Forget the oldest turn (and images only it used) to fit the context."""
         turn = self.turns.pop(0)
         self.selected = None
+        # Later edits hold their turn by reference, so the shift in indices does not misdirect them.
+        self.edits = [e for e in self.edits if e.turn is not turn]
         for key in turn.image_keys:
             self.images.pop(key, None)
         if self.active_image not in self.images:
@@ -274,14 +330,39 @@ class Session:
         entry = self.images[image_key]
         self.images = {image_key: entry}
         self.turns = []
+        self.edits = []  # every edit was of a turn that is gone
         self.pending_images = [image_key]
         self.active_image = image_key
 
-    def undo(self) -> Turn | None:
+    def undo_turn(self) -> Turn | None:
+        """Take back the last turn (Retry re-asks it), whatever box edits came after it."""
         if not self.turns:
             return None
         turn = self.turns.pop()
         self.selected = None
         # Its images become pending again so the user can re-ask with them.
         self.pending_images = [*turn.image_keys, *self.pending_images]
+        # Edits of its boxes have nothing left to revert; edits made after it to older boxes still
+        # stand, and now come after the new last turn (so a turn asked again is undone before them).
+        self.edits = [e for e in self.edits if e.turn is not turn]
+        last = self.turns[-1] if self.turns else None
+        for edit in self.edits:
+            if edit.after is turn:
+                edit.after = last
         return turn
+
+    def undo(self) -> BoxEdit | Turn | None:
+        """Take back the latest action: a box edit made since the last turn (the box comes back,
+        selected), else the last turn as :meth:`undo_turn` does; None when there is nothing to undo."""
+        while self.edits:
+            edit = self.edits[-1]
+            turn_index = self.index_of(edit.turn)
+            if turn_index is None or not self.edit_applies(edit, turn_index):
+                self.edits.pop()  # stale: nothing it could safely put back
+                continue
+            if edit.after is not self.turns[-1] and self.index_of(edit.after) is not None:
+                break  # a turn was added after this edit, and is undone first
+            self.edits.pop()
+            self.revert_edit(edit, turn_index)
+            return edit
+        return self.undo_turn()

@@ -9,7 +9,6 @@ autolinks into character references, which display the same but start nothing.
 
 from __future__ import annotations
 
-import hashlib
 import html
 import os
 import re
@@ -41,11 +40,12 @@ def answer_html(turn: Turn, session: Session) -> str:
     """The reply with each grounded phrase highlighted in its box colour (text escaped).
 
     A phrase takes the colour of the box drawn for it (so a renamed box keeps them matched); the
-    phrase of the selected box is filled solid.
+    phrase of the selected box gets a stronger tint and an outline in its colour.
     """
     text = turn.reply
     selected = session.selected_box()
     selected_ref = selected.ref_index if selected is not None and selected in turn.boxes else None
+    numbers = box_numbers(session)
     pieces: list[str] = []
     cursor = 0
     ref_index = -1
@@ -55,11 +55,20 @@ def answer_html(turn: Turn, session: Session) -> str:
         label = match.group(1)
         if label is not None:
             label = label.strip()
-            drawn = next((b.label for b in turn.boxes if b.ref_index == ref_index and b.label), label)
+            box = next((b for b in turn.boxes if b.ref_index == ref_index), None)
+            drawn = box.label if box is not None and box.label else label
             color = session.colors.hex(drawn)
-            fill = color if ref_index == selected_ref else f"{color}33"
+            # The selected phrase gets a stronger tint and an outline; the text keeps the theme's
+            # colour, so it reads the same in light and dark themes.
+            style = (
+                f"background:{color}66;color:inherit;outline:2px solid {color}"
+                if ref_index == selected_ref
+                else f"background:{color}33;color:inherit"
+            )
+            # The chat's sanitizer drops data-* attributes; a class carries the box's number instead.
+            number = f' class="vl2-ref vl2-box-{numbers[id(box)]}"' if box is not None and id(box) in numbers else ""
             pieces.append(
-                f'<mark style="background:{fill};border-bottom:3px solid {color};padding:0 2px">{inert(label)}</mark>'
+                f'<mark{number} style="{style};border-bottom:3px solid {color};padding:0 2px">{inert(label)}</mark>'
             )
         cursor = match.end()
     tail = text[cursor:]
@@ -77,7 +86,7 @@ def answer_html(turn: Turn, session: Session) -> str:
     if turn.error:
         notes.append(inert(turn.error))
     if notes:
-        body += f'\n\n<span style="opacity:.7;font-size:.9em">[{" · ".join(notes)}]</span>'
+        body += f'\n\n<span style="font-size:.9em;font-style:italic">[{" · ".join(notes)}]</span>'
     return body or "…"
 
 
@@ -116,15 +125,6 @@ def annotated_view(
     return draw_boxes(shown, boxes, session.colors, highlight=highlight, pins=pins, in_place=in_place)
 
 
-def view_signature(session: Session, key: str | None) -> str:
-    """Identifies what ``annotated_view`` would draw, so an unchanged view is never re-sent."""
-    boxes = [(box.label, box.xyxy) for _turn, box in session.boxes_on(key, visible_only=True)] if key else []
-    selected = session.selected_box()
-    chosen = None if selected is None else (selected.label, selected.xyxy)
-    state = (key, boxes, chosen, session.pins.get(key or ""), session.colors.assigned)
-    return f"{key}-{hashlib.sha1(repr(state).encode()).hexdigest()[:16]}"
-
-
 def save_atomically(image: Image.Image, path: Path) -> None:
     """Write under a temporary name, then rename: a reader never sees a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,47 +133,41 @@ def save_atomically(image: Image.Image, path: Path) -> None:
     os.replace(staging, path)
 
 
-def prune_views(folder: Path, keep: tuple[str | None, ...]) -> None:
-    """Delete the folder's view files other than those of the signatures in ``keep``."""
-    wanted = {f"view-{signature}.png" for signature in keep if signature}
-    for path in folder.glob("view-*.png"):
-        if path.name not in wanted:
-            path.unlink(missing_ok=True)
+def box_numbers(session: Session) -> dict[int, int]:
+    """The number each box has on the page (panel, canvas, 1–9 keys), by the box object's id."""
+    return {id(box): number for number, _t, _b, box in session.numbered_boxes()}
 
 
-def annotated_view_file(session: Session, key: str | None, out_dir: Path) -> str | None:
-    """The annotated view as a PNG under a content-derived name.
-
-    Handing Gradio a finished file (rather than a PIL image it re-encodes into the same cache
-    path on every update) means a browser never downloads a half-rewritten image.
-    """
-    if key is None or key not in session.images:
-        return None
-    path = out_dir / f"view-{view_signature(session, key)}.png"
-    if not path.exists():
-        save_atomically(annotated_view(session, key), path)
-    return str(path)
-
-
-def box_rows(session: Session) -> list[list]:
-    """The box panel: one row per box of the conversation."""
+def box_panel_html(session: Session) -> str:
+    """The box panel: one row per box of the conversation, numbered as on the canvas (labels escaped)."""
+    rows = session.numbered_boxes()
+    if not rows:
+        return '<p class="empty">Each box will be listed here, numbered as on the image.</p>'
     keys = list(session.images)
-    rows = []
-    for number, turn_index, _box_index, box in session.numbered_boxes():
+    selected = session.selected_box()
+    body = []
+    for number, turn_index, _box_index, box in rows:
         key = session.turns[turn_index].target_image
-        name = session.images[key].name if key in session.images else "—"
-        hidden = (box.label or "object") in session.hidden_labels
-        rows.append(
-            [
-                number,
-                (box.label or "object") + (" (hidden)" if hidden else ""),
-                f"{keys.index(key) + 1}: {name}" if key in session.images else name,
-                turn_index + 1,
-                ", ".join(f"{v:.0f}" for v in box.xyxy),
-                ", ".join(str(v) for v in box.norm999),
-            ]
+        label = box.label or "object"
+        image = f"{keys.index(key) + 1}: {session.images[key].name}" if key in session.images else "—"
+        classes = [
+            c for c, on in (("selected", box is selected), ("hidden-label", label in session.hidden_labels)) if on
+        ]
+        body.append(
+            f'<tr data-box-index="{number}" tabindex="0" class="{" ".join(classes)}"'
+            f' aria-selected="{"true" if box is selected else "false"}">'
+            f"<td>{number}</td>"
+            f'<td class="label"><span class="swatch" style="background:{session.colors.hex(box.label)}"></span>'
+            f"{inert(label)}{' (hidden)' if label in session.hidden_labels else ''}</td>"
+            f'<td class="col-image">{inert(image)}</td>'
+            f"<td>{', '.join(f'{v:.0f}' for v in box.xyxy)}</td>"
+            f'<td class="col-norm">{", ".join(str(v) for v in box.norm999)}</td></tr>'
         )
-    return rows
+    head = (
+        '<tr><th>#</th><th>label</th><th class="col-image">image</th><th>pixels x1, y1, x2, y2</th>'
+        '<th class="col-norm">0–999</th></tr>'
+    )
+    return f"<table><thead>{head}</thead><tbody>{''.join(body)}</tbody></table>"
 
 
 def label_summary(session: Session) -> str:

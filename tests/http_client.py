@@ -75,23 +75,33 @@ def call(url: str, name: str, data: list, *, headers: dict | None = None) -> Ans
 
 
 def send_handler(config: dict) -> tuple[int, int]:
-    """fn_index of the chat box's send handler (the listener on the prompt box's submit), and the box's id."""
+    """fn_index of the chat box's send handler, and the box's id.
+
+    Enter in the prompt box first swaps Send for Stop, then (chained) runs the handler that reads
+    the box: the one that follows a listener on the box's submit and takes the box as input.
+    """
     (textbox,) = (c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == "prompt")
-    (dependency,) = (d for d in config["dependencies"] if [textbox, "submit"] in d["targets"])
+    submits = {d["id"] for d in config["dependencies"] if [textbox, "submit"] in d["targets"]}
+    (dependency,) = (d for d in config["dependencies"] if d.get("trigger_after") in submits and textbox in d["inputs"])
     return dependency["id"], textbox
 
 
-def press_send(url: str, session_hash: str, message: dict) -> list[dict]:
+def press_send(url: str, session_hash: str, message: dict, *, max_new_tokens: int = 16) -> list[dict]:
     """Press Enter in the chat box: queue/join with the handler's fn_index, then read queue/data.
 
     Returns every message of that event, the last one ``process_completed``.
     """
+    return list(send_messages(url, session_hash, message, max_new_tokens=max_new_tokens))
+
+
+def send_messages(url: str, session_hash: str, message: dict, *, max_new_tokens: int = 16) -> Iterator[dict]:
+    """:func:`press_send`, message by message as they arrive."""
     config = httpx.get(f"{url}/config", timeout=READ_SECONDS).json()
     fn_index, textbox = send_handler(config)
     # Inputs: textbox, mode, temperature, top_p, repetition penalty, max new tokens, state (the
     # browser sends null for a gr.State; the server keeps its value per session hash).
     body = {
-        "data": [message, "Ask", 0.0, 0.9, 1.0, 16, None],
+        "data": [message, "Ask", 0.0, 0.9, 1.0, max_new_tokens, None],
         "event_data": None,
         "fn_index": fn_index,
         "trigger_id": textbox,
@@ -101,12 +111,11 @@ def press_send(url: str, session_hash: str, message: dict) -> list[dict]:
     joined = httpx.post(f"{url}/gradio_api/queue/join", json=body, timeout=READ_SECONDS)
     joined.raise_for_status()
     event_id = joined.json()["event_id"]
-    messages = []
     for _event, payload in events(f"{url}/gradio_api/queue/data", deadline, session_hash=session_hash):
         received = json.loads(payload)
         if received.get("event_id") not in (None, event_id):
             continue
-        messages.append(received)
+        yield received
         if received["msg"] == "process_completed":
-            return messages
+            return
     raise AssertionError("unreachable")

@@ -9,6 +9,7 @@ import os
 import shutil
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 from PIL import Image
@@ -39,6 +40,13 @@ def send(page, image_path, text: str):
     return textbox
 
 
+def on_screen_transform(image, original_width: int) -> tuple[float, float, float]:
+    """(left, top, scale) of the canvas image on screen: it is laid out at its original pixel size
+    and scaled, so original pixel (x, y) is at (left + x * scale, top + y * scale)."""
+    box = image.bounding_box()
+    return box["x"], box["y"], box["width"] / original_width
+
+
 def open_and_find(playwright, url: str, image_path, text: str):
     """A desktop-sized page on the app, with ``text`` sent in Find mode about ``image_path``."""
     browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -58,20 +66,15 @@ def test_find_draws_the_box_in_the_browser(tmp_path):
     with running_app(backend, tmp_path) as url, sync_playwright() as playwright:
         browser, page = open_and_find(playwright, url, image_path, "the grey square")
         page.locator("mark", has_text="grey square").wait_for(timeout=30_000)
-        shown = page.locator("#image-view img").first
-        shown.wait_for(state="visible")
-        page.locator("#box-counts").get_by_text("1 × grey square").wait_for(timeout=30_000)
+        page.locator('#vl2-canvas [data-box-index="1"]').wait_for(timeout=30_000)
+        shown = page.locator("#vl2-canvas .vl2-img")
         shown.evaluate("el => el.decode()")
-        page.screenshot(path=str(shot_path), full_page=True)
-        box = shown.bounding_box()
-        natural = shown.evaluate("el => [el.naturalWidth, el.naturalHeight]")
+        page.mouse.move(1, 1)  # no hover highlight in the picture
+        page.screenshot(path=str(shot_path))
+        left, top, scale = on_screen_transform(shown, 900)
         browser.close()
     print(f"\nbrowser screenshot: {shot_path}")
     screenshot = Image.open(shot_path).convert("RGB")
-    # The <img> is laid out with object-fit: contain, so the picture is centred inside its box.
-    scale = min(box["width"] / natural[0], box["height"] / natural[1])
-    left = box["x"] + (box["width"] - natural[0] * scale) / 2
-    top = box["y"] + (box["height"] - natural[1] * scale) / 2
     x1, y1, x2, y2 = (v / 999 * s for v, s in zip(BOX, (900, 600, 900, 600), strict=True))
 
     def on_screen(x: float, y: float) -> tuple[int, int]:
@@ -103,7 +106,6 @@ def _click_script(conversation):
 
 def test_click_to_ground_in_the_browser(tmp_path):
     import json
-    import urllib.request
 
     backend = ScriptedBackend(_click_script)
     image_path = solid_image(tmp_path / "square.png", (900, 600))
@@ -116,26 +118,21 @@ def test_click_to_ground_in_the_browser(tmp_path):
         page.goto(url)
         send(page, image_path, "What is this?")
         page.get_by_text("It is a grey picture.").wait_for(timeout=30_000)
-        shown = page.locator("#image-view img").first
-        shown.wait_for(state="visible")
-        page.wait_for_function("(el) => el.complete && el.naturalWidth > 0", arg=shown.element_handle())
-        box = shown.bounding_box()
-        natural = shown.evaluate("el => [el.naturalWidth, el.naturalHeight]")
-        scale = min(box["width"] / natural[0], box["height"] / natural[1])
-        left = box["x"] + (box["width"] - natural[0] * scale) / 2
-        top = box["y"] + (box["height"] - natural[1] * scale) / 2
+        shown = page.locator("#vl2-canvas .vl2-img")
+        page.wait_for_function(
+            "(el) => el.src.includes('vl2-views') && el.complete && el.naturalWidth > 0", arg=shown.element_handle()
+        )
+        left, top, scale = on_screen_transform(shown, 900)
         click_x, click_y = 400, 330  # inside BOX on the 900×600 image
         page.mouse.click(left + click_x * scale, top + click_y * scale)
         page.locator("#box-counts").get_by_text("1 × grey square").wait_for(timeout=30_000)
-        assert page.locator("#box-table").get_by_text("grey square").count() >= 1  # the panel gained a row
-        # The counts and the annotated view arrive in the same update; wait until that image is decoded.
-        shown.evaluate("el => el.decode()")
-        page.screenshot(path=str(shot_path), full_page=True)
-        page.get_by_role("button", name="Export JSON").click()
-        link = page.locator("#download a").first
-        link.wait_for(timeout=30_000)
-        href = link.get_attribute("href")
-        document = json.loads(urllib.request.urlopen(href if href.startswith("http") else url + href).read())
+        assert page.locator("#box-panel").get_by_text("grey square").count() >= 1  # the panel gained a row
+        page.locator('#vl2-canvas [data-box-index="1"]').wait_for()
+        page.mouse.move(1, 1)  # no hover highlight in the picture
+        page.screenshot(path=str(shot_path))
+        with page.expect_download(timeout=30_000) as download:  # one click downloads the export
+            page.get_by_role("button", name="JSON").click()
+        document = json.loads(Path(download.value.path()).read_text())
         browser.close()
     print(f"\nbrowser screenshot: {shot_path}")
     (click_turn,) = [t for t in document["turns"] if t["kind"] == "click"]
@@ -155,7 +152,7 @@ def test_click_to_ground_in_the_browser(tmp_path):
 
     assert near((x1 + x2) / 2, y2, expected), "the box must be drawn around the clicked point"
     assert near(x1, (y1 + y2) / 2, expected)
-    assert near(click_x, click_y, (230, 25, 75)), "the pin must be drawn where the user clicked"
+    assert near(click_x, click_y, (215, 38, 61)), "the pin must be drawn where the user clicked"
 
 
 def test_keyboard_selects_boxes_and_escape_stops(tmp_path):
@@ -173,15 +170,16 @@ def test_keyboard_selects_boxes_and_escape_stops(tmp_path):
         page.goto(url)
         textbox = send(page, image_path, "<|grounding|>two things")
         page.locator("#box-counts").get_by_text("1 × b").wait_for(timeout=30_000)
-        page.locator("body").click(position={"x": 5, "y": 5})  # focus out of the text box
-        page.keyboard.press("2")
+        page.keyboard.press("2")  # after sending, the keys reach the workspace, not the prompt
         page.wait_for_function(
-            "() => /background:#[0-9a-f]{6};/.test(document.querySelector('#chat').innerHTML)", timeout=30_000
+            "() => /background:#[0-9a-f]{6}66;/.test(document.querySelector('#chat').innerHTML)", timeout=30_000
         )
-        marks = re.findall(r'<mark style="background:(#[0-9a-f]+);', page.locator("#chat").inner_html())
+        marks = re.findall(
+            r'<mark class="vl2-ref vl2-box-\d+" style="background:(#[0-9a-f]+);', page.locator("#chat").inner_html()
+        )
         second = ColorBook()
         second.color("a")
-        assert marks == [second.hex("a") + "33", second.hex("b")]  # box 2's phrase is the selected one
+        assert marks == [second.hex("a") + "33", second.hex("b") + "66"]  # box 2's phrase is the selected one
         # Esc stops a running reply, and the backend's generation with it.
         backend.gate = gate
         textbox.fill("Talk for a while.")
@@ -231,13 +229,17 @@ def test_closing_the_tab_deletes_the_sessions_files(tmp_path):
     with running_app(backend, tmp_path) as url, sync_playwright() as playwright:
         browser, page = open_and_find(playwright, url, image_path, "the grey square")
         page.locator("#box-counts").get_by_text("1 × grey square").wait_for(timeout=30_000)
+        page.get_by_role("button", name="JSON").click()  # an export, written into the session's folder
+        page.locator("#download a").first.wait_for(timeout=30_000)
         sessions = next((tmp_path / "images").glob("vl2-studio-*")) / "sessions"
-        written = [p.name for p in sessions.rglob("*") if p.is_file()]
-        assert any(name.startswith("view-") for name in written), written  # the annotated view, for one
+        source = page.locator("#vl2-canvas .vl2-img").get_attribute("src")
+        shown = Path(urllib.parse.unquote(source.split("gradio_api/file=", 1)[1]))
+        assert shown.is_file() and "vl2-views" in shown.parts, shown  # the canvas's copy of the image
+        assert any(p.is_file() for p in sessions.rglob("*"))
         page.close()  # Gradio sees the page's heartbeat end and runs the app's unload handler
         # Waiting on the server's clean-up, which nothing signals to the test: poll with a deadline.
         deadline = time.monotonic() + 60
-        while left := [p for p in sessions.rglob("*") if p.is_file()]:
+        while left := [p for p in [*sessions.rglob("*"), shown] if p.is_file()]:
             assert time.monotonic() < deadline, f"still there a minute after the tab closed: {left}"
             threading.Event().wait(0.25)
         print(f"\nsession files gone {60 - (deadline - time.monotonic()):.1f} s after the tab closed")

@@ -84,11 +84,11 @@ def test_markdown_in_replies_labels_and_renames_loads_nothing(tmp_path: Path) ->
             counts_before = counts.inner_text()
 
             # Select box 1 the way a user does (its number key, focus outside the inputs); the
-            # selected box's phrase is then filled solid (a 6-digit colour, not the 8-digit tint).
+            # selected box's phrase then gets the stronger tint (alpha 66, not 33).
             page.locator("body").click(position={"x": 5, "y": 5})
             page.keyboard.press("1")
             page.wait_for_function(
-                "() => /background:#[0-9a-f]{6};/.test(document.querySelector('#chat').innerHTML)", timeout=30_000
+                "() => /background:#[0-9a-f]{6}66;/.test(document.querySelector('#chat').innerHTML)", timeout=30_000
             )
             page.get_by_placeholder("New label for the selected box").fill(renamed)
             page.get_by_role("button", name="Rename").click()
@@ -111,7 +111,11 @@ def test_markdown_in_replies_labels_and_renames_loads_nothing(tmp_path: Path) ->
                 timeout=30_000,
             )
 
-            surfaces = "#chat, #box-counts, #box-table"
+            surfaces = "#chat, #box-counts, #box-panel, #vl2-canvas"
+            canvas_labels = page.eval_on_selector_all(
+                "#vl2-canvas [data-box-index]", "(els) => els.map((e) => e.getAttribute('data-label'))"
+            )
+            captions = page.locator("#vl2-canvas .vl2-cap").all_inner_texts()
             leaked_images = page.eval_on_selector_all(
                 f":is({surfaces}) img", f"(els) => els.map((e) => e.src).filter((s) => s.includes(':{port}'))"
             )
@@ -134,3 +138,4 @@ def test_markdown_in_replies_labels_and_renames_loads_nothing(tmp_path: Path) ->
     assert label in chat_text  # the highlighted phrase keeps the model's label as text
     assert counts_before.strip() == f"1 × {label}", counts_before
     assert counts_text.strip() == f"1 × {renamed}", counts_text
+    assert canvas_labels == [renamed] and captions == [f"1 {renamed}"]  # drawn as the characters they are
