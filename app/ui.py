@@ -179,7 +179,7 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits:
             max_new_tokens=params.integer("max_new_tokens", max_new_tokens, 1, controller.limits.max_new_tokens),
         )
 
-    def waiting_for_model(session: Session, turn: Turn) -> Iterator[tuple]:
+    def waiting_for_model(session: Session) -> Iterator[tuple]:
         """While the model loads, the reply says so (phase and seconds) instead of a bare spinner."""
         wait = getattr(backend, "wait", None)
         if wait is None or getattr(backend, "ready", True):
@@ -226,7 +226,7 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits:
             # state goes out with this first update (so Stop finds it) and the last; in between it
             # is the same object, and on ZeroGPU every copy sent would be pickled, images and all.
             yield (*render_all(session), cleared, session)
-            for update in waiting_for_model(session, turn):
+            for update in waiting_for_model(session):
                 yield (*update, gr.skip(), gr.skip())
             if session.closed:
                 return
