@@ -92,8 +92,11 @@ def header_markdown(backend: Backend, labels: list[str] | None = None) -> str:
     info = backend.info
     status = getattr(backend, "status", "ready")
     precision = html.escape(info.precision)
-    if info.details:  # what was loaded, part by part, on hover
-        precision = f'<abbr title="{html.escape(info.details, quote=True)}">{precision}</abbr>'
+    reuse = getattr(backend, "reuse_summary", None)
+    # On hover: what was loaded, part by part, and what the runtime reuses across questions.
+    details = "\n".join(part for part in (info.details, reuse() if reuse is not None else "") if part)
+    if details:
+        precision = f'<abbr title="{html.escape(details, quote=True)}">{precision}</abbr>'
     line = (
         "See what DeepSeek-VL2 sees: ask about images, find objects, get answers with boxes. "
         f"**Model:** `{info.model_id}` · **precision:** {precision} · **device:** {info.device}"

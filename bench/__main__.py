@@ -174,10 +174,18 @@ def build(variant: str, full_size: bool, device: str = "cpu") -> Path:
     return path
 
 
+def without_reuse(loaded: LoadedModel) -> LoadedModel:
+    """The benchmarks time the work itself in every round, so nothing is carried from one request
+    to the next (vision features, conversation prefixes); ``bench.reuse`` measures what that saves."""
+    loaded.model.vision_cache = loaded.model.prefix_cache = None
+    return loaded
+
+
 def load(name: str, path: Path, precision: str, device: str, gpu_memory: str | None) -> Config:
     dtype, quantization = PRECISIONS[precision]
     start = time.perf_counter()
     loaded = load_model(path, device=device, dtype=dtype, quantization=quantization, gpu_memory=gpu_memory)
+    without_reuse(loaded)
     with torch.inference_mode():  # the first forward belongs to the load (lazy weights, kernels)
         loaded.model(input_ids=torch.tensor([[loaded.processor.special.bos]], device=_device(loaded)))
     _sync(_device(loaded))

@@ -132,7 +132,7 @@ def answer(
     offloads ``offload_groups`` MoE layers' experts) and answer a grounding query."""
     import torch
 
-    from bench.__main__ import PRECISIONS, _sync, build
+    from bench.__main__ import PRECISIONS, _sync, build, without_reuse
     from model.grounding import parse_grounding
     from model.loading import load_model
     from model.processing import Message
@@ -157,6 +157,7 @@ def answer(
         print(f"{time.perf_counter() - start:6.1f} s  {message}", file=sys.stderr, flush=True)
 
     loaded = load_model(path, device=device, dtype=dtype, quantization=quantization, gpu_memory=budget, progress=phase)
+    without_reuse(loaded)
     _sync(place)
     load_s = time.perf_counter() - start
     print(f"loaded in {load_s:.1f} s: {loaded.info.summary()}; {loaded.info.placement}", file=sys.stderr, flush=True)
@@ -203,13 +204,14 @@ def profile_decode(variant: str, precision: str, new_tokens: int, device: str = 
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from bench.__main__ import PRECISIONS, _sync, _to_device, build
+    from bench.__main__ import PRECISIONS, _sync, _to_device, build, without_reuse
     from model.loading import load_model
     from model.processing import Message
 
     place = torch.device(device)
     dtype, quantization = PRECISIONS[precision]
     loaded = load_model(build(variant, full_size, device), device=device, dtype=dtype, quantization=quantization)
+    without_reuse(loaded)
     model, processor = loaded.model, loaded.processor
     conversation = [Message("user", GROUNDING_QUERY, [test_image()])]
 

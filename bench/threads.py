@@ -24,7 +24,7 @@ from model.generation import GenerationSettings
 from model.loading import load_model
 from model.processing import Message
 
-from .__main__ import build
+from .__main__ import build, without_reuse
 from .gpu import GROUNDING_QUERY, test_image
 
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=33)
     args = parser.parse_args(argv)
-    loaded = load_model(build("tiny", args.full_size), device="cpu", dtype="bf16")
+    loaded = without_reuse(load_model(build("tiny", args.full_size), device="cpu", dtype="bf16"))
     special = loaded.processor.special
     conversation = [Message("user", GROUNDING_QUERY, [test_image()])]
     settings = GenerationSettings(

@@ -21,6 +21,8 @@ from transformers.core_model_loading import Chunk, ConversionOps, WeightConverte
 from .configuration import DeepseekVL2Config
 from .kv_cache import growing_cache
 from .language import build_language_model
+from .prefix_cache import PrefixCache
+from .vision_cache import VisionFeatureCache, tiles_key
 
 
 class MlpProjector(nn.Module):
@@ -172,6 +174,28 @@ class DeepseekVL2ForCausalLM(PreTrainedModel):
             outputs.append(self.projector(features.to(projector_dtype)))
         return torch.cat(outputs)
 
+    # Features of recent images (model/vision_cache.py) and the key/value caches of recent
+    # conversations (model/prefix_cache.py); set at load. None: nothing is reused.
+    vision_cache: VisionFeatureCache | None = None
+    prefix_cache: PrefixCache | None = None
+
+    def encode_image(self, tiles: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """One image's tiles (global first) → projected features, from the cache when it was seen.
+
+        An image is encoded on its own, never batched with another image's tiles, so its features
+        do not depend on what else is in the request: a cached entry equals a fresh computation.
+        """
+        cache = self.vision_cache
+        key = tiles_key(tiles, grid) if cache is not None else None
+        if cache is not None and key is not None:
+            cached = cache.get(key)
+            if cached is not None:
+                return cached
+        projected = self.encode_tiles(tiles)
+        if cache is not None and key is not None:
+            cache.put(key, projected)
+        return projected
+
     def layout_image(self, tiles: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """One image's projected tiles (global first) → its token sequence (global, separator, locals)."""
         side = self.tokens_per_tile_side
@@ -202,19 +226,17 @@ class DeepseekVL2ForCausalLM(PreTrainedModel):
             count = sum(1 + nw * nh for nw, nh in sample_grids)
             owned.append(sample_tiles[:count])
             grids.append(sample_grids)
-        all_tiles = torch.cat(owned, dim=0)
-        if all_tiles.shape[0] == 0:
-            return [all_tiles.new_zeros(0, self.config.text_config.hidden_size) for _ in grids]
-        projected = self.encode_tiles(all_tiles)
+        hidden = self.config.text_config.hidden_size
         per_sample: list[torch.Tensor] = []
-        cursor = 0
-        for sample_grids in grids:
+        for sample_tiles, sample_grids in zip(owned, grids, strict=True):
             pieces = []
+            cursor = 0
             for grid in sample_grids:
                 n = 1 + grid[0] * grid[1]
-                pieces.append(self.layout_image(projected[cursor : cursor + n], grid))
+                tiles = sample_tiles[cursor : cursor + n]
+                pieces.append(self.layout_image(self.encode_image(tiles, grid), grid))
                 cursor += n
-            per_sample.append(torch.cat(pieces) if pieces else projected.new_zeros(0, projected.shape[-1]))
+            per_sample.append(torch.cat(pieces) if pieces else sample_tiles.new_zeros(0, hidden))
         return per_sample
 
     def prepare_inputs_embeds(
@@ -269,17 +291,26 @@ class DeepseekVL2ForCausalLM(PreTrainedModel):
         """An empty key/value cache for the language model, growing in place (``model/kv_cache.py``)."""
         return growing_cache(self.language.config, getattr(self.language, "cache_values_dim_major", False))
 
-    def prefill_cache(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, chunk_size: int) -> Cache:
+    def prefill_cache(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        chunk_size: int | None,
+        cache: Cache | None = None,
+    ) -> Cache:
         """Run all prompt tokens but the last through the language model in chunks; return the cache.
 
         ``generate`` then starts from this cache and computes only the last token itself. Positions
-        follow the attention mask, as ``generate`` numbers them (left padding starts at 0).
+        follow the attention mask, as ``generate`` numbers them (left padding starts at 0). A
+        ``cache`` that already holds the prompt's first tokens (a reused prefix) is continued.
         """
-        cache = self.new_cache()
+        cache = cache if cache is not None else self.new_cache()
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         upto = inputs_embeds.shape[1] - 1
-        for start in range(0, upto, chunk_size):
-            end = min(start + chunk_size, upto)
+        first = cache.get_seq_length()
+        step = chunk_size or max(upto - first, 1)  # no chunk size: the rest in one forward
+        for start in range(first, upto, step):
+            end = min(start + step, upto)
             self.language(
                 inputs_embeds=inputs_embeds[:, start:end],
                 attention_mask=attention_mask[:, :end],
@@ -314,7 +345,15 @@ class DeepseekVL2ForCausalLM(PreTrainedModel):
         chunk = prefill_chunk_size or self.prefill_chunk_size
         # generate() expands the batch for beams/several sequences but not a cache it is handed.
         expands = generate_kwargs.get("num_beams", 1) > 1 or generate_kwargs.get("num_return_sequences", 1) > 1
-        if not expands and "cache" not in generate_kwargs:
+        # One unpadded prompt can continue a conversation's cache (model/prefix_cache.py).
+        prefixes = self.prefix_cache
+        reuse = prefixes is not None and not expands and input_ids.shape[0] == 1 and bool(attention_mask.all())
+        reuse = reuse and "cache" not in generate_kwargs
+        ids = input_ids[0].tolist() if reuse else []
+        if reuse:
+            cache, _ = prefixes.take(ids, inputs_embeds[0])
+            generate_kwargs["cache"] = self.prefill_cache(inputs_embeds, attention_mask, chunk, cache)
+        elif not expands and "cache" not in generate_kwargs:
             if chunk and inputs_embeds.shape[1] > chunk:
                 generate_kwargs["cache"] = self.prefill_cache(inputs_embeds, attention_mask, chunk)
             else:
@@ -323,7 +362,12 @@ class DeepseekVL2ForCausalLM(PreTrainedModel):
             input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
         )
         sequences = output.sequences if hasattr(output, "sequences") else output
-        return sequences[:, input_ids.shape[1] :]
+        new_tokens = sequences[:, input_ids.shape[1] :]
+        if reuse:  # reached only when generate returned normally: every layer holds the same tokens
+            generated = new_tokens[0].to(inputs_embeds.device)
+            embeds = torch.cat([inputs_embeds[0], self.get_input_embeddings()(generated).to(inputs_embeds.dtype)])
+            prefixes.put(ids + generated.tolist(), embeds, generate_kwargs["cache"])
+        return new_tokens
 
 
 register_checkpoint_conversion_mapping(DeepseekVL2ForCausalLM.__name__, checkpoint_conversions(), overwrite=True)

@@ -4,6 +4,8 @@ Token construction (one sample):
 
 1. ``[bos]``; a non-empty system prompt follows as ``system + "\\n\\n"`` (the template's rendering;
    the official ``conversations=`` path drops system prompts, so the default "" matches it exactly).
+   The official prompt path strips the rendered prompt, so a system prompt's leading whitespace is
+   dropped and a whitespace-only one counts as none; so here too.
 2. Each user turn is rendered ``"<|User|>: " + text + "\\n\\n<|Assistant|>:"``, split on ``<image>``;
    each text piece is encoded on its own (no special tokens added) and every ``<image>`` becomes
    ``211 + 14·nh·(14·nw+1)`` copies of the ``<image>`` id (the model overwrites them).
@@ -61,6 +63,7 @@ def place_image_tags(text: str, num_images: int) -> str:
 
 def render_prompt(messages: Sequence[Message], system_prompt: str = "") -> str:
     """The conversation as the model reads it (with one ``<image>`` per image), for display and checks."""
+    system_prompt = system_prompt.lstrip()  # as the official path's strip of the rendered prompt
     parts = [system_prompt + "\n\n"] if system_prompt else []
     for message in messages:
         if message.role == "user":
@@ -109,6 +112,9 @@ class DeepseekVL2Processor:
         )
         ids = [self.special.bos]
         mask = [False]
+        # The official prompt path strips the rendered prompt: leading whitespace of the system prompt
+        # goes, and a whitespace-only one is no system prompt at all.
+        system_prompt = system_prompt.lstrip()
         if system_prompt:
             piece = self._encode_text(system_prompt + "\n\n")
             ids += piece

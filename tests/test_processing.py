@@ -121,3 +121,17 @@ def test_text_only_request_has_a_zero_tile(processor):
     inputs = processor([Message("user", "Hello")])
     assert inputs["pixel_values"].shape == (1, 1, 3, 384, 384)
     assert not inputs["images_seq_mask"].any()
+
+
+def test_system_prompt_whitespace_is_stripped_as_the_official_prompt_path_does(processor):
+    """The official path strips the rendered prompt: a system prompt's leading whitespace goes, and a
+    whitespace-only system prompt is no system prompt at all."""
+    conversation = [Message("user", "Hi")]
+    plain = processor(conversation, system_prompt="Be brief.")["input_ids"][0].tolist()
+    assert processor(conversation, system_prompt="  \n Be brief.")["input_ids"][0].tolist() == plain
+    assert render_prompt(conversation, system_prompt="\t Be brief.") == render_prompt(conversation, "Be brief.")
+    none = processor(conversation)["input_ids"][0].tolist()
+    assert processor(conversation, system_prompt=" \n\t ")["input_ids"][0].tolist() == none
+    assert render_prompt(conversation, system_prompt="   ") == render_prompt(conversation)
+    # Trailing whitespace is inside the rendered prompt, so it stays.
+    assert processor(conversation, system_prompt="Be brief. ")["input_ids"][0].tolist() != plain

@@ -57,6 +57,10 @@ class BackgroundLoadedBackend:
     def info(self) -> BackendInfo:
         return self._backend.info if self._backend is not None else self._placeholder
 
+    def reuse_summary(self) -> str:
+        summary = getattr(self._backend, "reuse_summary", None)
+        return summary() if summary is not None else ""
+
     def _wait(self) -> Backend:
         self._ready.wait()
         if self._backend is None:

@@ -46,6 +46,19 @@ class LocalBackend:
             details=memory_summary(info),
         )
 
+    def reuse_summary(self) -> str:
+        """What the runtime reuses across questions (for the header's tooltip)."""
+        model = self.loaded.model
+        vision, prefixes = model.vision_cache, model.prefix_cache
+        return "\n".join(
+            (
+                vision.stats().summary() if vision is not None else "vision features: not kept (VL2_VISION_CACHE_MB=0)",
+                prefixes.stats().summary()
+                if prefixes is not None
+                else "conversation prefixes: not kept (VL2_PREFIX_CACHE_MB=0)",
+            )
+        )
+
     def count_tokens(self, conversation: Sequence[Message], *, system_prompt: str = "") -> int:
         ids, _, _ = self.loaded.processor.encode_conversation(conversation, system_prompt)
         return len(ids)
