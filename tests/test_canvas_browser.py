@@ -296,25 +296,29 @@ def test_phone_has_canvas_and_prompt_on_the_first_screen(served):
 def test_stop_under_a_token_flood(served):
     backend, _url, _browser, _image = served
     page = _open(served, DESKTOP)
-    page.locator("#sampling-section").get_by_text("Sampling").click()
-    page.locator("#max-new-tokens input[type=number]").fill("2048")
-    page.locator("#max-new-tokens input[type=number]").press("Enter")
     gate = threading.Semaphore(0)
-    backend.gate = gate
+    started = threading.Event()
+
+    def paced(conversation):  # the backend calls this as the reply starts
+        started.set()
+        return gate
+
+    backend.gate = paced
     backend.records.clear()
     for _ in range(500):  # the backend emits 500 tokens at once…
         gate.release()
     _send(page, None, "talk", mode="Ask")
     stop = page.locator("#prompt button.stop-button")
     stop.wait_for(timeout=5_000)
+    assert started.wait(timeout=30) and backend.records[-1].pieces_total == 512  # the page's default cap
     page.wait_for_function("() => document.querySelector('#chat').innerText.includes('w499')", timeout=10_000)
-    # …then keeps flooding while the user presses Stop; the page must not have fallen behind.
+    # …then keeps going (a token every 0.1 s, so the 12 left last longer than a click takes) while
+    # the user presses Stop: the page must not have fallen behind the flood.
     flooding = threading.Event()
 
     def flood() -> None:
-        while not flooding.wait(0.02):
-            for _ in range(25):
-                gate.release()
+        while not flooding.wait(0.1):
+            gate.release()
 
     pump = threading.Thread(target=flood, daemon=True)
     pump.start()
