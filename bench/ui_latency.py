@@ -132,6 +132,8 @@ def stop_under_flood(page: Page, backend: ScriptedBackend, burst: int, image: Pa
         stop_visible = time.perf_counter() - start
         page.wait_for_function(f"() => document.querySelector('#chat').innerText.includes('w{burst - 1} ')")
         burst_shown = time.perf_counter() - start
+        if backend.records[-1].pieces_total != 2048:
+            raise RuntimeError("the page did not send max_new_tokens=2048: the flood would end before Stop")
         # A user's click lands wherever the button is now, re-rendered or not (no actionability wait).
         where = page.locator("#prompt button.stop-button").bounding_box()
         start = time.perf_counter()
@@ -177,6 +179,8 @@ def main() -> None:
             page.locator("#sampling-section").get_by_text("Sampling").click()
             page.locator("#max-new-tokens input[type=number]").fill("2048")
             page.locator("#max-new-tokens input[type=number]").press("Enter")
+            # The flood must outlast the click on Stop: 2,048 tokens, not the default 512.
+            page.wait_for_function("() => document.querySelector('#max-new-tokens input[type=range]').value === '2048'")
             for coalesce in (True, False):
                 app.ui.STREAM_INTERVAL_S = 0.1 if coalesce else 0.0
                 app.ui.BOX_INTERVAL_S = 0.05 if coalesce else 0.0
