@@ -88,6 +88,20 @@ def _send(page: Page, image: Path | None, text: str, mode: str = "Find") -> None
     prompt.press("Enter")
 
 
+def _paced(backend: ScriptedBackend) -> tuple[threading.Semaphore, threading.Event]:
+    """Each token of the next reply waits for a release of the semaphore; the event is set when
+    the reply starts."""
+    gate, started = threading.Semaphore(0), threading.Event()
+
+    def paced(conversation):  # the backend calls this as the reply starts
+        started.set()
+        return gate
+
+    backend.gate = paced
+    backend.records.clear()
+    return gate, started
+
+
 def _box(page: Page, number: int):
     return page.locator(f'#vl2-canvas [data-box-index="{number}"]')
 
@@ -114,15 +128,7 @@ def test_the_image_is_on_the_canvas_before_the_answer_and_boxes_arrive_with_thei
     # Attached, not sent: the canvas shows it already, and says it is not sent yet.
     page.wait_for_function("() => document.querySelector('#vl2-canvas .vl2-img').naturalWidth > 0")
     assert page.locator("#vl2-canvas .vl2-pending").is_visible()
-    gate = threading.Semaphore(0)
-    started = threading.Event()
-
-    def paced(conversation):  # the backend calls this as the reply starts
-        started.set()
-        return gate
-
-    backend.gate = paced
-    backend.records.clear()
+    gate, started = _paced(backend)
     _send(page, None, "the squares")
     page.wait_for_function(
         "() => { const i = document.querySelector('#vl2-canvas .vl2-img');"
@@ -296,15 +302,7 @@ def test_phone_has_canvas_and_prompt_on_the_first_screen(served):
 def test_stop_under_a_token_flood(served):
     backend, _url, _browser, _image = served
     page = _open(served, DESKTOP)
-    gate = threading.Semaphore(0)
-    started = threading.Event()
-
-    def paced(conversation):  # the backend calls this as the reply starts
-        started.set()
-        return gate
-
-    backend.gate = paced
-    backend.records.clear()
+    gate, started = _paced(backend)
     for _ in range(500):  # the backend emits 500 tokens at once…
         gate.release()
     _send(page, None, "talk", mode="Ask")
