@@ -29,7 +29,6 @@ from .session import Session, SessionImage, Turn
 from .storage import PrivateStorage
 from .streaming import coalesced
 from .uploads import UploadGuard
-from .views import save_atomically
 
 log = logging.getLogger("vl2-studio")
 TILING_OFF_NOTICE = (
@@ -163,16 +162,6 @@ class Controller:
         if session.closed:
             raise SessionEnded("This conversation has ended; start a new one.")
         return self.storage.session_dir(session.session_id)
-
-    def image_path(self, session: Session, key: str) -> str:
-        """The canonical image as a PNG for the page (written on first use; the API never needs it)."""
-        path = self.session_dir(session) / f"{key}.png"
-        if not path.exists():
-            save_atomically(session.images[key].image, path)
-        return str(path)
-
-    def image_paths(self, session: Session) -> dict[str, str]:
-        return {key: self.image_path(session, key) for key in session.images}
 
     def view_url(self, session: Session, entry: SessionImage) -> str:
         """Where the page fetches ``entry``'s browser-sized copy (written once; boxes are drawn by the browser)."""
@@ -335,11 +324,6 @@ class Controller:
         return session.start_turn(last.user_text, last.prompt, last.mode)
 
     # -- click-to-ground -----------------------------------------------------------------------
-    def display_to_original(self, session: Session, key: str, x: float, y: float) -> tuple[float, float]:
-        """A click on the (possibly downscaled) displayed image → pixels of the original image."""
-        original, shown = session.images[key].image, session.images[key].display
-        return x * original.width / shown.width, y * original.height / shown.height
-
     def place_pin(self, session: Session, key: str, point: tuple[float, float]) -> None:
         session.add_pin(key, point)
         session.active_image = key

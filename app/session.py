@@ -92,7 +92,6 @@ class Session:
     cancel_event: threading.Event = field(default_factory=threading.Event)
     notices: list[str] = field(default_factory=list)
     images_added: int = 0  # keys are never reused, even after old turns are dropped
-    shown_view: str | None = None  # signature of the annotated view the browser has now
     pins: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     click_cache: dict[str, list[Box]] = field(default_factory=dict)  # every box seen per image, for clicks
     hidden_labels: set[str] = field(default_factory=set)

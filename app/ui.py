@@ -88,6 +88,11 @@ def launch_options(limits: Limits | None = None, *, host: str = "127.0.0.1", sha
     }
 
 
+def event_data(event: gr.EventData) -> dict:
+    """What the canvas's script sent with an event (``trigger(name, data)``); a raw client may send anything."""
+    return event._data if isinstance(event._data, dict) else {}
+
+
 def header_markdown(backend: Backend, labels: list[str] | None = None) -> str:
     info = backend.info
     status = getattr(backend, "status", "ready")
@@ -142,9 +147,6 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits:
     def chat_of(session: Session) -> list[dict]:
         return chat_messages(session, controller.view_paths(session))
 
-    def header_of(session: Session) -> str:
-        return header_markdown(backend, list(session.label_counts()))
-
     def render_all(session: Session, notice: str = "") -> tuple:
         labels = list(session.label_counts())
         return (
@@ -156,7 +158,7 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits:
             gr.update(visible=session.image_count_after_send() >= 3),
             gr.update(choices=labels, value=[label for label in labels if label not in session.hidden_labels]),
             label_summary(session),
-            header_of(session),
+            header_markdown(backend, labels),
         )
 
     def streamed(session: Session, *, boxes: bool, notice: str | None) -> tuple:
@@ -268,7 +270,7 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits:
     def select_box(session: Session | None, event: gr.EventData):
         """A box clicked on the canvas, a row of the panel, a phrase of the answer, or keys 1–9."""
         session = session or Session()
-        data = event._data if isinstance(event._data, dict) else {}
+        data = event_data(event)
         try:
             number = params.integer(
                 "box", data.get("index"), 1, controller.limits.max_boxes * controller.limits.max_turns
@@ -280,7 +282,7 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits:
 
     def pick_image(session: Session | None, event: gr.EventData):
         session = session or Session()
-        data = event._data if isinstance(event._data, dict) else {}
+        data = event_data(event)
         if data.get("key") in session.images:
             session.active_image = data["key"]
         return canvas_of(session), session
@@ -289,7 +291,7 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits:
         """Show a pin where the user clicked (instant, outside the model lane); the canvas sends
         original-image pixels, computed from its own transform, so no display scale is involved."""
         session = session or Session()
-        data = event._data if isinstance(event._data, dict) else {}
+        data = event_data(event)
         key = data.get("key")
         if key not in session.images:
             return gr.skip(), session, None
@@ -418,7 +420,7 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits:
 
     def choose_example(event: gr.EventData):
         """An example thumbnail clicked: Stop appears, and the next step runs the example."""
-        data = event._data if isinstance(event._data, dict) else {}
+        data = event_data(event)
         index = data.get("index")
         return gr.update(**GENERATING), index if isinstance(index, int) and 0 <= index < len(EXAMPLES) else None
 

@@ -36,7 +36,7 @@ def inert(text: str) -> str:
     return html.escape(text).translate(_MARKDOWN_ACTIVE).replace("www.", "www&#46;").replace("WWW.", "WWW&#46;")
 
 
-def answer_html(turn: Turn, session: Session) -> str:
+def answer_html(turn: Turn, session: Session, numbers: dict[int, int] | None = None) -> str:
     """The reply with each grounded phrase highlighted in its box colour (text escaped).
 
     A phrase takes the colour of the box drawn for it (so a renamed box keeps them matched); the
@@ -45,7 +45,7 @@ def answer_html(turn: Turn, session: Session) -> str:
     text = turn.reply
     selected = session.selected_box()
     selected_ref = selected.ref_index if selected is not None and selected in turn.boxes else None
-    numbers = box_numbers(session)
+    numbers = box_numbers(session) if numbers is None else numbers
     pieces: list[str] = []
     cursor = 0
     ref_index = -1
@@ -93,12 +93,13 @@ def answer_html(turn: Turn, session: Session) -> str:
 def chat_messages(session: Session, image_paths: dict[str, str]) -> list[dict]:
     """Gradio ``messages`` for the chatbot: the user's words and images, then the highlighted reply."""
     messages: list[dict] = []
+    numbers = box_numbers(session)  # once for all turns: the chat is rebuilt on every streamed update
     for turn in session.turns:
         for key in turn.image_keys:
             if key in image_paths:
                 messages.append({"role": "user", "content": {"path": image_paths[key]}})
         messages.append({"role": "user", "content": inert(turn.user_text) or "…"})
-        messages.append({"role": "assistant", "content": answer_html(turn, session)})
+        messages.append({"role": "assistant", "content": answer_html(turn, session, numbers)})
     return messages
 
 

@@ -35,10 +35,8 @@ from .placement import (
     parse_size,
     plan_for_model,
 )
-from .prefix_cache import DEFAULT_MB as PREFIX_CACHE_MB
 from .prefix_cache import PrefixCache
 from .processing import DeepseekVL2Processor
-from .vision_cache import DEFAULT_MB as VISION_CACHE_MB
 from .vision_cache import VisionFeatureCache
 
 Quantization = Literal["4bit", "8bit"] | None
@@ -381,11 +379,10 @@ def load_model(
             raise ModelLoadError(f"{len(leftovers)} expert weights were not quantized, e.g. {leftovers[:3]}")
     model.eval()
     # A follow-up question about the same image skips the vision tower (VL2_VISION_CACHE_MB=0: off)
-    # and prefills only its new tokens (VL2_PREFIX_CACHE_MB=0: off). On a GPU the caches hold
-    # device memory the placement plan did not count, so they start smaller there.
+    # and prefills only its new tokens (VL2_PREFIX_CACHE_MB=0: off); smaller budgets on a GPU.
     on_gpu = torch.device(device).type == "cuda"
-    model.vision_cache = VisionFeatureCache.from_env(64 if on_gpu else VISION_CACHE_MB)
-    model.prefix_cache = PrefixCache.from_env(128 if on_gpu else PREFIX_CACHE_MB)
+    model.vision_cache = VisionFeatureCache.from_env(on_gpu=on_gpu)
+    model.prefix_cache = PrefixCache.from_env(on_gpu=on_gpu)
     compute, cpu_share_bytes = None, 0
     if placement is not None and placement.offloads:
         say(f"placing the model in the GPU budget ({placement.budget_bytes / 2**30:.1f} GiB)")

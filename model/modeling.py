@@ -186,13 +186,12 @@ class DeepseekVL2ForCausalLM(PreTrainedModel):
         do not depend on what else is in the request: a cached entry equals a fresh computation.
         """
         cache = self.vision_cache
-        key = tiles_key(tiles, grid) if cache is not None else None
-        if cache is not None and key is not None:
-            cached = cache.get(key)
-            if cached is not None:
-                return cached
-        projected = self.encode_tiles(tiles)
-        if cache is not None and key is not None:
+        if cache is None:
+            return self.encode_tiles(tiles)
+        key = tiles_key(tiles, grid)
+        projected = cache.get(key)
+        if projected is None:
+            projected = self.encode_tiles(tiles)
             cache.put(key, projected)
         return projected
 
@@ -351,7 +350,7 @@ class DeepseekVL2ForCausalLM(PreTrainedModel):
         reuse = reuse and "cache" not in generate_kwargs
         ids = input_ids[0].tolist() if reuse else []
         if reuse:
-            cache, _ = prefixes.take(ids, inputs_embeds[0])
+            cache = prefixes.take(ids, inputs_embeds[0])  # None: nothing worth reusing
             generate_kwargs["cache"] = self.prefill_cache(inputs_embeds, attention_mask, chunk, cache)
         elif not expands and "cache" not in generate_kwargs:
             if chunk and inputs_embeds.shape[1] > chunk:

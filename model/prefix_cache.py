@@ -22,6 +22,7 @@ import torch
 from transformers import Cache
 
 DEFAULT_MB = 384  # a few conversations of Tiny in bf16 (about 60 KiB a token)
+GPU_DEFAULT_MB = 128  # on a GPU the entries hold device memory the placement plan did not count
 ENV = "VL2_PREFIX_CACHE_MB"  # 0 turns the reuse off
 MIN_REUSE = 16  # shorter shared prefixes (the bos and a role tag) are not worth an entry's cache
 
@@ -76,9 +77,9 @@ class PrefixCache:
         self.computed_tokens = 0
 
     @classmethod
-    def from_env(cls, default_mb: float = DEFAULT_MB) -> PrefixCache | None:
-        """The cache the environment asks for (``default_mb`` MiB unless set); None when it is 0."""
-        megabytes = float(os.environ.get(ENV, default_mb))
+    def from_env(cls, *, on_gpu: bool = False) -> PrefixCache | None:
+        """The cache ``VL2_PREFIX_CACHE_MB`` asks for (else the default for the device); None when it is 0."""
+        megabytes = float(os.environ.get(ENV, GPU_DEFAULT_MB if on_gpu else DEFAULT_MB))
         return cls(int(megabytes * 2**20)) if megabytes > 0 else None
 
     @staticmethod
@@ -95,9 +96,9 @@ class PrefixCache:
         mismatch = torch.nonzero(differs)
         return int(mismatch[0, 0]) if mismatch.numel() else length
 
-    def take(self, ids: list[int], embeds: torch.Tensor) -> tuple[Cache | None, int]:
+    def take(self, ids: list[int], embeds: torch.Tensor) -> Cache | None:
         """The cache of the entry sharing the longest prefix with this prompt, cropped to that prefix
-        (and taken out of the store), and the prefix's length; ``(None, 0)`` when none is worth it.
+        (and taken out of the store); None when none is worth it.
 
         At least the prompt's last token is left to compute: generation starts from its logits.
         """
@@ -109,12 +110,12 @@ class PrefixCache:
                     best, best_length = entry, length
             if best is None or best_length < MIN_REUSE:
                 self.computed_tokens += len(ids)
-                return None, 0
+                return None
             self._entries.remove(best)
             self.reused_tokens += best_length
             self.computed_tokens += len(ids) - best_length
         crop(best.cache, best_length)
-        return best.cache, best_length
+        return best.cache
 
     def put(self, ids: list[int], embeds: torch.Tensor, cache: Cache) -> None:
         """Keep ``cache`` (holding exactly ``ids``) for later prompts that start the same way."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 DEFAULT_MB = 256  # about 40 seven-tile images of Tiny in fp32 (a tile is 196 × 1,280 values)
+GPU_DEFAULT_MB = 64  # on a GPU the features hold device memory the placement plan did not count
 ENV = "VL2_VISION_CACHE_MB"  # 0 turns the cache off
 
 
@@ -61,9 +62,9 @@ class VisionFeatureCache:
         self.misses = 0
 
     @classmethod
-    def from_env(cls, default_mb: float = DEFAULT_MB) -> VisionFeatureCache | None:
-        """The cache the environment asks for (``default_mb`` MiB unless set); None when it is 0."""
-        megabytes = float(os.environ.get(ENV, default_mb))
+    def from_env(cls, *, on_gpu: bool = False) -> VisionFeatureCache | None:
+        """The cache ``VL2_VISION_CACHE_MB`` asks for (else the default for the device); None when it is 0."""
+        megabytes = float(os.environ.get(ENV, GPU_DEFAULT_MB if on_gpu else DEFAULT_MB))
         return cls(int(megabytes * 2**20)) if megabytes > 0 else None
 
     def get(self, key: str) -> torch.Tensor | None:

@@ -315,13 +315,12 @@ def test_storage_is_private_fresh_and_emptied(tmp_path):
         session = Session()
         turn, _ = first.accept(session, "thing", [solid_image(tmp_path / "p.png", (300, 200))], Mode.FIND)
         list(first.run_turn(session, turn, GenerationSettings()))
-        first.image_paths(session)
         first.export_png(session)
         assert first.storage.bytes_used() > 0
         first.forget(session)
         assert first.storage.bytes_used() == 0 and session.cancel_event.is_set() and session.images == {}
         with pytest.raises(SessionEnded):  # a reply still streaming cannot write its files back
-            first.image_path(session, "img1")
+            first.session_dir(session)
     finally:
         root = first.storage.root
         first.storage.close()
