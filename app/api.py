@@ -14,6 +14,7 @@ import functools
 import inspect
 import typing
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from string import Template
 from typing import Any, Literal, NotRequired, TypedDict, TypeVar, cast
 
@@ -31,6 +32,9 @@ from .click import box_from_pixels
 from .controller import Controller, refuse_reserved_tokens
 from .errors import UserError
 from .exports import annotated_png, box_records, coco_from_document, session_document
+from .label.formats import coco as coco_dataset
+from .label.job import label_all
+from .label.sources import Item, image_loader, unique_names
 from .limits import Limits
 from .modes import Mode
 from .session import Session
@@ -184,6 +188,33 @@ class CocoDetections(TypedDict):
     images: list[CocoImage]
     annotations: list[CocoAnnotation]
     categories: list[CocoCategory]
+
+
+class LabelBoxRecord(TypedDict):
+    label: str  # the phrase
+    xyxy: list[float]  # pixels of the image as seen (EXIF applied)
+    norm999: list[int]
+
+
+class PhraseRecord(TypedDict):
+    phrase: str
+    raw_text: str
+    boxes: list[LabelBoxRecord]
+
+
+class LabelRecord(TypedDict):
+    key: str
+    name: str
+    status: Literal["done", "skipped"]
+    width: NotRequired[int]
+    height: NotRequired[int]
+    reason: NotRequired[str]
+    results: list[PhraseRecord]
+
+
+class LabelResult(TypedDict):
+    coco: CocoDetections
+    records: list[LabelRecord]
 
 
 def user_errors(fn: F) -> F:
@@ -483,9 +514,42 @@ def register_api(controller: Controller) -> None:
         path = save_bytes_to_cache(annotated_png(session, "img1", last_use=True), "annotated.png", get_upload_folder())
         return gr.FileData(path=path, mime_type="image/png")
 
+    def label(images: list[gr.FileData], phrases: list[str], max_new_tokens: int = 512) -> LabelResult:
+        """Box every phrase on every image (greedy; one Find per image and phrase, batched): a small dataset.
+
+        Parameters:
+            images: 1 to ${max_images_per_request} images, each ${an_image}; ${max_request_pixels} pixels in all.
+            phrases: 1 to ${max_label_phrases} things to find (the categories, in this order), each up to
+                ${max_label_chars} characters.
+            max_new_tokens: each reply's length cap in tokens, a whole number from 1 to ${max_new_tokens}.
+        Returns:
+            dataset: coco is the COCO document of `python -m app.label --format coco` (one image per readable input,
+                one category per phrase); records are its JSONL lines (one per input: status "done" with each phrase's
+                raw_text and boxes, or "skipped" with the reason).
+        """
+        files = params.items("images", images, limits.max_images_per_request)
+        wanted = params.items("phrases", phrases, limits.max_label_phrases)
+        if not files or not wanted:
+            raise UserError("Send at least one image and one phrase.")
+        chosen = [params.text(f"phrases[{i}]", p, limits.max_label_chars).strip() for i, p in enumerate(wanted)]
+        if not all(chosen):
+            raise UserError('A phrase is blank: say what to find, e.g. "person".')
+        settings = GROUNDING_SETTINGS.with_max(new_tokens(max_new_tokens))
+        paths = [uploads.api_file(f) for f in files]
+        controller.check_budget(Session(), paths)
+        names = unique_names([Path(path).name for path in paths])  # two uploads may share a name
+        items = [Item(name, name, image_loader(path, limits.shape)) for name, path in zip(names, paths, strict=True)]
+        phrases_in_order = tuple(dict.fromkeys(chosen))
+        records = label_all(controller.backend, items, phrases_in_order, settings) or []
+        return {
+            "coco": cast(CocoDetections, coco_dataset(records, phrases_in_order)),
+            "records": [cast(LabelRecord, record.to_dict()) for record in records],
+        }
+
     values = doc_values(limits)
     publish(chat, "chat", values, model=True)
     publish(ground, "ground", values, model=True)
     publish(identify, "identify", values, model=True)
+    publish(label, "label", values, model=True)
     publish(to_coco, "to_coco", values, model=False)
     publish(annotate, "annotate", values, model=False)

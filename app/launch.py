@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .backends.base import Backend, BackendInfo
 from .backends.loading import BackgroundLoadedBackend
@@ -21,11 +21,8 @@ DEFAULT_MODEL = "deepseek-ai/deepseek-vl2-tiny"
 log = logging.getLogger("vl2-studio")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python app.py",
-        description="VL2 Grounding Studio: chat and grounding with DeepSeek-VL2 in your browser.",
-    )
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose the model and where it runs (the app's and the labelling command's)."""
     parser.add_argument(
         "--model",
         default=os.environ.get("VL2_MODEL", DEFAULT_MODEL),
@@ -55,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("VL2_SERVER_URL", "http://127.0.0.1:8000/v1"),
         help="OpenAI-compatible base URL for --backend openai",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python app.py",
+        description="VL2 Grounding Studio: chat and grounding with DeepSeek-VL2 in your browser.",
+    )
+    add_model_arguments(parser)
     parser.add_argument(
         "--host",
         default=default_host(),
@@ -62,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
+    parser.add_argument(
+        "--mcp",
+        action="store_true",
+        default=os.environ.get("GRADIO_MCP_SERVER", "").lower() == "true",
+        help="also serve the API endpoints (ground, identify, label, …) as MCP tools at /gradio_api/mcp/",
+    )
     return parser
 
 
@@ -91,7 +102,28 @@ def gpu_memory_for(requested: str | None, device: str | None) -> str | None:
     return requested
 
 
-def make_backend(args: argparse.Namespace) -> Backend:
+def load_local(args: argparse.Namespace, progress: Callable[[str], None]) -> Backend:
+    """The model in this process, as the flags ask (blocking: minutes on first download)."""
+    from model.loading import load_model
+
+    from .backends.local import LocalBackend
+
+    quantization = choose_quantization(args.quantization, args.device)
+    log.info("loading %s (quantization=%s, device=%s)", args.model, quantization or "none", args.device or "auto")
+    loaded = load_model(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        quantization=quantization,
+        gpu_memory=gpu_memory_for(args.gpu_memory, args.device),
+        progress=progress,
+    )
+    log.info("ready: %s", loaded.info.summary())
+    return LocalBackend(loaded)
+
+
+def make_backend(args: argparse.Namespace, *, background: bool = True) -> Backend:
+    """The backend the flags name; ``background``: a local model loads while the page is already up."""
     if args.backend == "scripted":
         from .backends.scripted import ScriptedBackend, demo_script
 
@@ -101,25 +133,10 @@ def make_backend(args: argparse.Namespace) -> Backend:
 
         return OpenAICompatibleBackend(args.server_url, model=args.model)
 
-    def load(progress) -> Backend:
-        from model.loading import load_model
+    def load(progress: Callable[[str], None]) -> Backend:
+        return load_local(args, progress)
 
-        from .backends.local import LocalBackend
-
-        quantization = choose_quantization(args.quantization, args.device)
-        log.info("loading %s (quantization=%s, device=%s)", args.model, quantization or "none", args.device or "auto")
-        loaded = load_model(
-            args.model,
-            device=args.device,
-            dtype=args.dtype,
-            quantization=quantization,
-            gpu_memory=gpu_memory_for(args.gpu_memory, args.device),
-            progress=progress,
-        )
-        log.info("ready: %s", loaded.info.summary())
-        return LocalBackend(loaded)
-
-    if on_zerogpu():
+    if on_zerogpu() or not background:
         # ZeroGPU moves the weights onto the GPU per call; it wants them loaded at start-up, in the
         # main thread (its CUDA interception is per thread), before the server starts.
         return load(lambda phase: log.info("loading: %s", phase))
@@ -149,5 +166,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.share:
         print("--share: this app will be reachable by anyone with the gradio.live link", file=sys.stderr)
     options = launch_options(limits, host=args.host, share=args.share)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **options)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, mcp_server=args.mcp, **options)
     return 0

@@ -36,6 +36,9 @@ class Limits:
     max_turns: int = field(default_factory=lambda: _env_int("VL2_MAX_TURNS", 200))
     max_boxes: int = field(default_factory=lambda: _env_int("VL2_MAX_BOXES", 1000))
     max_label_chars: int = field(default_factory=lambda: _env_int("VL2_MAX_LABEL_CHARS", 200))
+    # Labelling in the page (the Label tab, /label): the command line has no such bound.
+    max_label_images: int = field(default_factory=lambda: _env_int("VL2_MAX_LABEL_IMAGES", 200))
+    max_label_phrases: int = field(default_factory=lambda: _env_int("VL2_MAX_LABEL_PHRASES", 8))
     session_ttl_seconds: int = field(default_factory=lambda: _env_int("VL2_SESSION_TTL", 2 * 3600))
     queue_size: int = field(default_factory=lambda: _env_int("VL2_QUEUE_SIZE", 32))
 

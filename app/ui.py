@@ -29,6 +29,7 @@ from .controller import Controller
 from .errors import SessionEnded, UserError
 from .examples import EXAMPLES, EXAMPLES_DIR
 from .hosting import AccessPolicy, middleware
+from .label.tab import build_label_tab
 from .limits import Limits
 from .modes import MODE_HELP, Mode
 from .render import font_warning
@@ -460,67 +461,74 @@ def build_demo(backend: Backend, *, image_dir: str | Path | None = None, limits:
         example_choice = gr.State(None)
         header = gr.Markdown(header_markdown(backend), elem_id="header")
         timer = gr.Timer(1.0, active=getattr(backend, "status", "ready") != "ready")
-        with gr.Row(equal_height=False, elem_id="main-row"):
-            with gr.Column(scale=7, min_width=320, elem_id="work-col"):
-                canvas = build_canvas(canvas_of(Session()))
-                with gr.Accordion("Boxes", open=True, elem_id="boxes-section"):
-                    counts = gr.Markdown(label_summary(Session()), elem_id="box-counts")
-                    panel = build_box_panel(box_panel_html(Session()))
-                    label_filter = gr.CheckboxGroup(label="Show boxes for", choices=[], elem_id="label-filter")
-                    with gr.Row():
-                        new_label = gr.Textbox(placeholder="New label for the selected box", show_label=False, scale=3)
-                        rename_button = gr.Button("Rename", size="sm", scale=1)
-                        delete_button = gr.Button("Delete", size="sm", scale=1)
-                    with gr.Row():
-                        json_button = gr.Button("⬇ JSON", size="sm")
-                        coco_button = gr.Button("⬇ COCO", size="sm")
-                        png_button = gr.Button("⬇ Annotated PNG", size="sm")
-                    download = gr.File(label="Last export", interactive=False, elem_id="download", visible=False)
-                with gr.Accordion(
-                    "Raw output (the model's exact text and rejected spans)", open=False, elem_id="raw-section"
-                ):
-                    raw = gr.Code(label="Model text", language=None, lines=6, interactive=False)
-            with gr.Column(scale=5, min_width=320, elem_id="chat-col"):
-                chatbot = gr.Chatbot(
-                    label="Conversation",
-                    height=440,
-                    layout="panel",
-                    elem_id="chat",
-                    buttons=["copy", "copy_all"],
-                    feedback_options=None,
-                    sanitize_html=True,
-                    placeholder="Answers appear here. Phrases with a box are coloured like it: hover or click one.",
-                )
-                notice = gr.Markdown(visible=False, elem_id="notice")
-                keep_button = gr.Button("Keep only the active image", visible=False, size="sm", elem_id="keep-button")
-                mode = gr.Radio(
-                    [m.value for m in Mode],
-                    value=Mode.ASK.value,
-                    label="Mode",
-                    info=" · ".join(f"{m.value}: {h}" for m, h in MODE_HELP.items()),
-                    elem_id="mode",
-                )
-                textbox = gr.MultimodalTextbox(
-                    placeholder="Ask about the image (or drop, paste, attach one). Enter sends, Esc stops.",
-                    file_count="multiple",
-                    file_types=["image"],
-                    sources=["upload"],
-                    show_label=False,
-                    **IDLE,
-                    elem_id="prompt",
-                )
-                with gr.Row(elem_id="actions"):
-                    retry_button = gr.Button("Retry", size="sm")
-                    undo_button = gr.Button("Undo", size="sm")
-                    clear_button = gr.Button("Clear all", size="sm")
-                gr.Markdown(KEYBOARD_HELP, elem_id="keyboard-help")
-                with gr.Accordion("Sampling", open=False, elem_id="sampling-section"):
-                    temperature = gr.Slider(0, 1.0, value=0.1, step=0.05, label="Temperature (0 = greedy)")
-                    top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
-                    repetition_penalty = gr.Slider(1.0, 2.0, value=1.1, step=0.05, label="Repetition penalty")
-                    max_new_tokens = gr.Slider(
-                        16, 2048, value=512, step=16, label="Max new tokens", elem_id="max-new-tokens"
+        with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("Ask & find", id="ask", elem_id="ask-tab"), gr.Row(equal_height=False, elem_id="main-row"):
+                with gr.Column(scale=7, min_width=320, elem_id="work-col"):
+                    canvas = build_canvas(canvas_of(Session()))
+                    with gr.Accordion("Boxes", open=True, elem_id="boxes-section"):
+                        counts = gr.Markdown(label_summary(Session()), elem_id="box-counts")
+                        panel = build_box_panel(box_panel_html(Session()))
+                        label_filter = gr.CheckboxGroup(label="Show boxes for", choices=[], elem_id="label-filter")
+                        with gr.Row():
+                            new_label = gr.Textbox(
+                                placeholder="New label for the selected box", show_label=False, scale=3
+                            )
+                            rename_button = gr.Button("Rename", size="sm", scale=1)
+                            delete_button = gr.Button("Delete", size="sm", scale=1)
+                        with gr.Row():
+                            json_button = gr.Button("⬇ JSON", size="sm")
+                            coco_button = gr.Button("⬇ COCO", size="sm")
+                            png_button = gr.Button("⬇ Annotated PNG", size="sm")
+                        download = gr.File(label="Last export", interactive=False, elem_id="download", visible=False)
+                    with gr.Accordion(
+                        "Raw output (the model's exact text and rejected spans)", open=False, elem_id="raw-section"
+                    ):
+                        raw = gr.Code(label="Model text", language=None, lines=6, interactive=False)
+                with gr.Column(scale=5, min_width=320, elem_id="chat-col"):
+                    chatbot = gr.Chatbot(
+                        label="Conversation",
+                        height=440,
+                        layout="panel",
+                        elem_id="chat",
+                        buttons=["copy", "copy_all"],
+                        feedback_options=None,
+                        sanitize_html=True,
+                        placeholder="Answers appear here. Phrases with a box are coloured like it: hover or click one.",
                     )
+                    notice = gr.Markdown(visible=False, elem_id="notice")
+                    keep_button = gr.Button(
+                        "Keep only the active image", visible=False, size="sm", elem_id="keep-button"
+                    )
+                    mode = gr.Radio(
+                        [m.value for m in Mode],
+                        value=Mode.ASK.value,
+                        label="Mode",
+                        info=" · ".join(f"{m.value}: {h}" for m, h in MODE_HELP.items()),
+                        elem_id="mode",
+                    )
+                    textbox = gr.MultimodalTextbox(
+                        placeholder="Ask about the image (or drop, paste, attach one). Enter sends, Esc stops.",
+                        file_count="multiple",
+                        file_types=["image"],
+                        sources=["upload"],
+                        show_label=False,
+                        **IDLE,
+                        elem_id="prompt",
+                    )
+                    with gr.Row(elem_id="actions"):
+                        retry_button = gr.Button("Retry", size="sm")
+                        undo_button = gr.Button("Undo", size="sm")
+                        clear_button = gr.Button("Clear all", size="sm")
+                    gr.Markdown(KEYBOARD_HELP, elem_id="keyboard-help")
+                    with gr.Accordion("Sampling", open=False, elem_id="sampling-section"):
+                        temperature = gr.Slider(0, 1.0, value=0.1, step=0.05, label="Temperature (0 = greedy)")
+                        top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
+                        repetition_penalty = gr.Slider(1.0, 2.0, value=1.1, step=0.05, label="Repetition penalty")
+                        max_new_tokens = gr.Slider(
+                            16, 2048, value=512, step=16, label="Max new tokens", elem_id="max-new-tokens"
+                        )
+            with gr.Tab("Label a dataset", id="label", elem_id="label-tab"):
+                build_label_tab(controller, state, session_of)
 
         views = [chatbot, canvas, panel, raw, notice, keep_button, label_filter, counts, header]
         sampling = [temperature, top_p, repetition_penalty, max_new_tokens]

@@ -3,7 +3,8 @@
 The app runs on the scripted backend (CI cannot download the real weights), with a hand-written
 grounded reply about the astronaut example, so the pictures show the page, not a model's skill.
 Writes ``screenshot.png`` (a grounded answer with a hovered box), ``screenshot-landing.png``,
-``screenshot-phone.png`` and ``screenshot-dark.png`` next to this file.
+``screenshot-phone.png``, ``screenshot-dark.png`` and ``screenshot-label.png`` (the Label tab after a
+run over the examples) next to this file.
 """
 
 from __future__ import annotations
@@ -30,8 +31,34 @@ REPLY = (
 )
 
 
+# The Label tab's run: boxes (0–999) per example picture (known by its size) and phrase.
+LABELLED = {
+    (512, 512): {"person": (0, 20, 720, 999), "rocket": (690, 0, 930, 560)},
+    (451, 300): {"cat": (0, 0, 950, 999)},
+    (600, 400): {"cup": (283, 20, 700, 620)},
+    (640, 427): {"rocket": (462, 270, 540, 950)},
+}
+LABEL_PHRASES = "person, cat, cup, rocket"
+
+
 def reply(conversation) -> str:
-    return REPLY if "astronaut" in conversation[-1].text else "It is a picture."
+    message = conversation[-1]
+    if message.text.startswith("<|ref|>") and message.images:
+        phrase = message.text.removeprefix("<|ref|>").split("<|/ref|>")[0]
+        box = LABELLED.get(message.images[0].size, {}).get(phrase)
+        return f"<|ref|>{phrase}<|/ref|><|det|>[[{', '.join(map(str, box))}]]<|/det|>" if box else ""
+    return REPLY if "astronaut" in message.text else "It is a picture."
+
+
+def label_examples(page: Page) -> None:
+    page.get_by_role("tab", name="Label a dataset").click()
+    pictures = ["astronaut.jpg", "cat.jpg", "coffee.jpg", "rocket.jpg", "coins.png"]
+    page.locator("#label-files input[type=file]").set_input_files([str(HERE / "examples" / p) for p in pictures])
+    page.locator("#label-phrases textarea").fill(LABEL_PHRASES)
+    page.locator("#label-run").click()
+    page.locator("#label-download a").first.wait_for()
+    for image in page.locator("#label-grid img").all():
+        image.evaluate("el => el.decode()")
 
 
 def run_example(page: Page, index: int) -> None:
@@ -70,6 +97,10 @@ def main() -> None:
             page.goto(url)
             run_example(page, 2)
             page.screenshot(path=str(HERE / "screenshot-phone.png"))
+            page = browser.new_page(viewport={"width": 1366, "height": 900})
+            page.goto(url)
+            label_examples(page)
+            page.screenshot(path=str(HERE / "screenshot-label.png"))
             browser.close()
     finally:
         demo.close()

@@ -150,18 +150,21 @@ class DeepseekVL2Processor:
     ) -> BatchFeature:
         """Model inputs for one conversation or a batch of them (left-padded)."""
         batch = [conversations] if conversations and isinstance(conversations[0], Message) else conversations
-        encoded = [self.encode_conversation(conv, system_prompt) for conv in batch]
+        return self.collate([self.encode_conversation(conv, system_prompt) for conv in batch])
+
+    def collate(self, encoded: Sequence[tuple[list[int], list[bool], list[Image.Image]]]) -> BatchFeature:
+        """Encoded samples (``encode_conversation``'s triples) as one left-padded batch of model inputs."""
         processed = [self.image_processor(images) if images else None for _, _, images in encoded]
         longest = max(len(ids) for ids, _, _ in encoded)
         tile_size = self.image_processor.config.tile_size
         max_tiles = max([p.pixel_values.shape[0] for p in processed if p is not None] + [1])
         max_images = max([len(p.spatial_crop) for p in processed if p is not None] + [1])
 
-        input_ids = torch.full((len(batch), longest), self.special.pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), longest), dtype=torch.bool)
-        images_seq_mask = torch.zeros((len(batch), longest), dtype=torch.bool)
-        pixel_values = torch.zeros((len(batch), max_tiles, 3, tile_size, tile_size), dtype=torch.float32)
-        images_spatial_crop = torch.zeros((len(batch), max_images, 2), dtype=torch.long)
+        input_ids = torch.full((len(encoded), longest), self.special.pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), longest), dtype=torch.bool)
+        images_seq_mask = torch.zeros((len(encoded), longest), dtype=torch.bool)
+        pixel_values = torch.zeros((len(encoded), max_tiles, 3, tile_size, tile_size), dtype=torch.float32)
+        images_spatial_crop = torch.zeros((len(encoded), max_images, 2), dtype=torch.long)
         for row, ((ids, mask, _), images) in enumerate(zip(encoded, processed, strict=True)):
             start = longest - len(ids)
             input_ids[row, start:] = torch.tensor(ids, dtype=torch.long)

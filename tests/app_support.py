@@ -38,11 +38,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_app(backend: ScriptedBackend, tmp_path: Path, **queue_kwargs) -> Iterator[str]:
+def running_app(backend: ScriptedBackend, tmp_path: Path, *, mcp: bool = False, **queue_kwargs) -> Iterator[str]:
     demo = build_demo(backend, image_dir=tmp_path / "images")
     demo.queue(**({"max_size": 16} | queue_kwargs))
     _, url, _ = demo.launch(
-        prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True, **launch_options()
+        prevent_thread_lock=True,
+        server_name="127.0.0.1",
+        server_port=free_port(),
+        quiet=True,
+        mcp_server=mcp,
+        **launch_options(),
     )
     try:
         yield url

@@ -23,7 +23,7 @@ from app.ui import build_demo
 
 from .app_support import running_app
 
-PUBLIC = {"/chat", "/ground", "/identify", "/to_coco", "/annotate"}
+PUBLIC = {"/chat", "/ground", "/identify", "/label", "/to_coco", "/annotate"}
 # gr.api's default labels ("1st", "2nd", …) and Gradio's fallbacks say nothing about a parameter.
 ORDINAL = re.compile(r"^\d+(st|nd|rd|th)$|^(parameter|value)_\d+$")
 # Numbers no default limit uses, so a description that shows one read it from this server's Limits.
@@ -39,6 +39,7 @@ ODD_LIMITS = Limits(
     max_new_tokens=777,
     max_boxes=55,
     max_label_chars=66,
+    max_label_phrases=5,
 )
 
 
@@ -119,6 +120,9 @@ def test_the_documented_ranges_are_the_servers_limits(odd_info):
         ("/ground", "max_new_tokens"): ["from 1 to 777"],
         ("/identify", "x"): ["0 to 4,321"],
         ("/identify", "y"): ["0 to 4,321"],
+        ("/label", "images"): ["1 to 11", "7 MB", "50,000,003 pixels"],
+        ("/label", "phrases"): ["1 to 5", "66 characters"],
+        ("/label", "max_new_tokens"): ["from 1 to 777"],
         ("/to_coco", "document"): ["55", "66 characters", "x1 ≤ x2", "1,000,000"],
         ("/annotate", "boxes"): ["0 to 55", "66 characters", "x1 ≤ x2", "1,000,000"],
     }
@@ -149,6 +153,9 @@ def test_types_are_the_endpoints_json_shapes(odd_info):
     assert set(ground["type"]["properties"]) == {"boxes", "raw_text", "document"}
     box = ground["type"]["properties"]["boxes"]["items"]["properties"]
     assert set(box) == {"id", "label", "image_index", "xyxy", "norm999"}
+    (dataset,) = endpoints["/label"]["returns"]
+    assert set(dataset["type"]["properties"]) == {"coco", "records"}
+    assert parameter("/label", "phrases")["python_type"]["type"] == "list[str]"
     (png,) = endpoints["/annotate"]["returns"]
     assert png["python_type"]["type"] == "filepath"
     (coco,) = endpoints["/to_coco"]["returns"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import subprocess
@@ -149,3 +150,44 @@ def test_identify_outside_the_image_is_a_clear_error(tmp_path):
         client = Client(url, verbose=False)
         with pytest.raises(Exception, match="outside"):
             client.predict(handle_file(str(image)), 150, 10, api_name="/identify")
+
+
+def test_label_endpoint_returns_a_coco_dataset_and_records(tmp_path):
+    from pycocotools.coco import COCO
+
+    photos = [solid_image(tmp_path / f"photo{i}.png", (200 + 40 * i, 120)) for i in range(3)]
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    script = lambda conversation: find_reply(conversation[-1].text.split("|>")[1].split("<|")[0], (100, 200, 300, 400))  # noqa: E731
+    with running_app(ScriptedBackend(script), tmp_path) as url:
+        client = Client(url, verbose=False)
+        files = [handle_file(str(p)) for p in [*photos, tmp_path / "broken.png", photos[0]]]
+        result = client.predict(files, ["grey square", "shadow"], 64, api_name="/label")
+        with pytest.raises(Exception, match="phrase is blank"):
+            client.predict([handle_file(str(photos[0]))], ["  "], 64, api_name="/label")
+    coco_path = tmp_path / "coco.json"
+    coco_path.write_text(json.dumps(result["coco"]))
+    coco = COCO(str(coco_path))
+    assert [c["name"] for c in coco.dataset["categories"]] == ["grey square", "shadow"]
+    names = [image["file_name"] for image in coco.dataset["images"]]
+    assert names == ["photo0.png", "photo1.png", "photo2.png", "photo0-2.png"]  # one per readable input
+    assert len(coco.getAnnIds()) == 8
+    assert [r["status"] for r in result["records"]] == ["done", "done", "done", "skipped", "done"]
+    assert result["records"][3]["reason"]
+    first = result["records"][1]["results"][0]
+    assert first["phrase"] == "grey square" and first["boxes"][0]["xyxy"] == [
+        round(100 / 999 * 240, 2),
+        round(200 / 999 * 120, 2),
+        round(300 / 999 * 240, 2),
+        round(400 / 999 * 120, 2),
+    ]
+
+
+def test_mcp_serves_the_endpoints_as_tools(tmp_path):
+    import httpx
+
+    with running_app(ScriptedBackend("ok"), tmp_path, mcp=True) as url:
+        schema = httpx.get(url.rstrip("/") + "/gradio_api/mcp/schema", timeout=30).json()
+    tools = {tool["name"]: tool for tool in schema}
+    assert {"ground", "identify", "label"} <= set(tools)
+    assert "phrases" in tools["label"]["inputSchema"]["properties"]
+    assert tools["ground"]["description"].startswith("Boxes for a phrase")

@@ -470,3 +470,27 @@ def test_text_estimate_is_conservative_for_english_and_cjk():
     assert estimate_text_tokens("<image>") == 0
     assert estimate_text_tokens("The quick brown fox jumps over the lazy dog.") >= 10
     assert estimate_text_tokens("这是一只猫") == 5
+
+
+# -- labelling: many requests in flight -------------------------------------------------------------------------
+
+
+def test_complete_many_keeps_every_request_in_flight_at_once(engine, backend):
+    """A serving engine batches what is in flight together: all N requests must be open at the same time."""
+    count = 4
+    together = threading.Barrier(count, timeout=WAIT)  # broken (an error) unless all 4 arrive before any answers
+
+    def respond(handler: Handler, body: dict) -> None:
+        together.wait()
+        text = next(part["text"] for part in body["messages"][-1]["content"] if part["type"] == "text")
+        handler.start_sse()
+        handler.write_chunk(sse(chunk(f"echo {text}")))
+        handler.write_chunk(sse("[DONE]"))
+        handler.end_chunks()
+
+    engine.respond = respond
+    conversations = [[user(f"question {index}", Image.new("RGB", (8, 8)))] for index in range(count)]
+    replies = backend.complete_many(conversations, greedy())
+    assert replies == [f"echo question {index}" for index in range(count)]
+    assert len(engine.bodies) == count
+    assert backend.batch_size(conversations[0], greedy()) == backend.in_flight

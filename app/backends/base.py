@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -71,3 +72,69 @@ class Backend(Protocol):
     def count_tokens(self, conversation: Sequence[Message], *, system_prompt: str = "") -> int:
         """Prompt length in tokens (image tokens included), for trimming history to the context."""
         ...
+
+    def complete_many(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        settings: GenerationSettings,
+        *,
+        cancel_event: threading.Event | None = None,
+    ) -> list[str]:
+        """Each conversation's whole reply, computed together (a labelling job's batch)."""
+        ...
+
+    def batch_size(self, conversation: Sequence[Message], settings: GenerationSettings) -> int:
+        """How many conversations like this one ``complete_many`` should get at once."""
+        ...
+
+
+def complete_concurrently(
+    backend: Backend,
+    conversations: Sequence[Sequence[Message]],
+    settings: GenerationSettings,
+    *,
+    cancel_event: threading.Event | None = None,
+) -> list[str]:
+    """Every reply streamed at the same time, one thread per request.
+
+    A serving engine (vLLM, SGLang) batches requests that are in flight together, so this is how
+    a labelling job scales past one machine. The first failure cancels the others and is raised.
+    """
+    event = cancel_event or threading.Event()
+
+    def reply(conversation: Sequence[Message]) -> str:
+        if event.is_set():
+            return ""
+        return "".join(backend.stream(conversation, settings, cancel_event=event))
+
+    with ThreadPoolExecutor(max_workers=max(1, len(conversations)), thread_name_prefix="vl2-request") as pool:
+        futures = [pool.submit(reply, conversation) for conversation in conversations]
+        try:
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        except BaseException:  # Ctrl-C while waiting: leaving the pool must not wait for whole replies
+            event.set()
+            raise
+        if any(future.exception() is not None for future in done):
+            event.set()  # the others stop at their next delta instead of running to the end
+        return [future.result() for future in futures]
+
+
+class ConcurrentCompletions:
+    """``complete_many`` for a backend whose requests can run side by side (a serving engine)."""
+
+    # Requests a labelling job keeps in flight at once: the engine batches them (and queues past
+    # its own limit), so more than a handful only lengthens each request's wait.
+    in_flight: int = 8
+
+    def batch_size(self, conversation: Sequence[Message], settings: GenerationSettings) -> int:
+        return self.in_flight
+
+    def complete_many(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        settings: GenerationSettings,
+        *,
+        cancel_event: threading.Event | None = None,
+    ) -> list[str]:
+        """Every request in flight at once, so the engine batches them."""
+        return complete_concurrently(self, conversations, settings, cancel_event=cancel_event)

@@ -80,5 +80,17 @@ class BackgroundLoadedBackend:
     ) -> ReplyHandle:
         return self._wait().stream(conversation, settings, system_prompt=system_prompt, cancel_event=cancel_event)
 
+    def batch_size(self, conversation: Sequence[Message], settings: GenerationSettings) -> int:
+        return self._wait().batch_size(conversation, settings)
+
+    def complete_many(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        settings: GenerationSettings,
+        *,
+        cancel_event: threading.Event | None = None,
+    ) -> list[str]:
+        return self._wait().complete_many(conversations, settings, cancel_event=cancel_event)
+
     def wait(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)

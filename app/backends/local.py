@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from model.batching import auto_batch_size, generate_batch
 from model.generation import GenerationSettings, stream_reply
 from model.loading import LoadedModel, LoadInfo
 from model.processing import Message
@@ -62,6 +63,31 @@ class LocalBackend:
     def count_tokens(self, conversation: Sequence[Message], *, system_prompt: str = "") -> int:
         ids, _, _ = self.loaded.processor.encode_conversation(conversation, system_prompt)
         return len(ids)
+
+    def batch_size(self, conversation: Sequence[Message], settings: GenerationSettings) -> int:
+        """Rows per batch that fit in half the free memory (``model/batching.py``)."""
+        return auto_batch_size(self.loaded.model, self.count_tokens(conversation), settings.max_new_tokens)
+
+    def complete_many(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        settings: GenerationSettings,
+        *,
+        cancel_event: threading.Event | None = None,
+    ) -> list[str]:
+        """All replies from one left-padded batch: a decoding step serves every row at once."""
+        with self.lane:
+            try:
+                return generate_batch(
+                    self.loaded.model, self.loaded.processor, conversations, settings, cancel_event=cancel_event
+                )
+            except torch.OutOfMemoryError as exc:
+                raise BackendError(
+                    OOM_ADVICE + f" For a labelling job, a --batch-size below {len(conversations)}."
+                ) from exc
+            finally:
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
 
     def stream(
         self,

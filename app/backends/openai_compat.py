@@ -31,7 +31,7 @@ from model.image_processing import plan_tiles
 from model.images import canonicalize
 from model.processing import EOS_TEXT, IMAGE_TAG, Message
 
-from .base import BackendError, BackendInfo, ReplyHandle
+from .base import BackendError, BackendInfo, ConcurrentCompletions, ReplyHandle
 
 ERROR_DETAIL_CHARS = 300
 TEXT_TOKENS_PER_MESSAGE = 8  # role markers, separators, BOS/EOS — rounded up
@@ -163,7 +163,7 @@ class _EosFilter:
         return tail
 
 
-class OpenAICompatibleBackend:
+class OpenAICompatibleBackend(ConcurrentCompletions):
     """Chat completions from a vLLM/SGLang server. Requests run concurrently; the engine batches them."""
 
     def __init__(

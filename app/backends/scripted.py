@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from model.generation import GenerationSettings
 from model.processing import Message
 
-from .base import BackendInfo, ReplyHandle
+from .base import BackendInfo, ConcurrentCompletions, ReplyHandle
 
 Script = str | Callable[[Sequence[Message]], str]
 _PIECE = re.compile(r"<\|[^|]*\|>|<｜[^｜]*｜>|\s*[^\s<]+|\s+|<")
@@ -38,7 +38,7 @@ class GenerationRecord:
     finished: threading.Event = field(default_factory=threading.Event)
 
 
-class ScriptedBackend:
+class ScriptedBackend(ConcurrentCompletions):
     def __init__(
         self,
         script: Script = "Hello.",
@@ -62,6 +62,8 @@ class ScriptedBackend:
     def count_tokens(self, conversation: Sequence[Message], *, system_prompt: str = "") -> int:
         words = sum(len(m.text.split()) + 4 for m in conversation) + len(system_prompt.split())
         return words + self.tokens_per_image * sum(len(m.images) for m in conversation)
+
+    in_flight = 4  # replies are instant: a few at once is enough to exercise the concurrency
 
     def stream(
         self,
