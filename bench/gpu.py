@@ -17,6 +17,11 @@ deadline, so a failure or a slow step costs only itself. Everything lands in ``D
    memory (the allocator's maximum plus what the CUDA context holds outside it).
 4. The harness (``python -m bench --device cuda``) for Tiny in bf16 and NF4: per-configuration
    CUDA peaks, load, vision, time-to-first-token phases, decode ms/token and logit error.
+5. ``graph_decode`` (issue 24): today's eager decode against the static-shape step replayed as
+   CUDA graphs (``model/cuda/``), paired in one process on the same card, for Tiny bf16, Tiny NF4
+   and Small NF4 on an emulated 8 GiB card (each configuration in a process of its own): tokens/s
+   through the app's generation path and in a bare loop, time to first token, capture time, the
+   decoder's and the graphs' extra memory, and whether the answers are the same.
 
 Random weights: speeds and bytes are meaningful, answers are not.
 """
@@ -245,6 +250,226 @@ def profile_decode(variant: str, precision: str, new_tokens: int, device: str = 
     return result
 
 
+GRAPH_CONFIGS = ("tiny:bf16:0", "tiny:nf4:8", "small:nf4:8")
+
+
+def parse_graph_config(spec: str) -> tuple[str, str, float | None]:
+    """``variant:precision[:GiB]`` (GiB of the emulated card; 0 or left out: the whole card)."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3):
+        raise ValueError(f"{spec!r}: write a configuration as variant:precision[:GiB], e.g. small:nf4:8")
+    variant, precision = parts[0], parts[1]
+    if variant not in ("tiny", "small", "base"):
+        raise ValueError(f"{spec!r}: the variant is one of tiny, small, base")
+    if precision not in ("bf16", "nf4", "fp32"):
+        raise ValueError(f"{spec!r}: the precision is one of bf16, nf4, fp32")
+    gib = float(parts[2]) if len(parts) == 3 else 0.0
+    if gib < 0:
+        raise ValueError(f"{spec!r}: the card's memory cannot be negative")
+    return variant, precision, gib or None
+
+
+def graph_decode(
+    variant: str,
+    precision: str,
+    emulate_gib: float | None,
+    new_tokens: int,
+    *,
+    rounds: int = 3,
+    full_size: bool = True,
+    device: str = "cuda",
+) -> dict:
+    """Today's decode against the static-shape step (``model/cuda/``) on the same loaded model,
+    paired round by round (the order alternating): through the app's generation path (greedy,
+    the app's repetition penalty, ``new_tokens`` tokens) and in a bare greedy loop; plus the
+    decoder's build and capture time, its memory, and whether both give the same answers. On a
+    CPU (a dry run) the static step runs uncaptured."""
+    import torch
+
+    from bench.__main__ import PRECISIONS, _sync, _to_device, build, without_reuse
+    from model.cuda import StaticDecoder, attach, capture_graphs, detach
+    from model.loading import load_model
+    from model.processing import Message
+
+    place = torch.device(device)
+    on_gpu = place.type == "cuda"
+    path = build(variant, full_size=full_size, device=device)
+    budget = None
+    if on_gpu:
+        total = torch.cuda.get_device_properties(place).total_memory
+        if emulate_gib:
+            torch.cuda.set_per_process_memory_fraction(emulate_gib * GIB / total, place.index or 0)
+            budget = f"{emulate_gib}GiB"
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(place)
+    dtype, quantization = PRECISIONS[precision]
+    start = time.perf_counter()
+    loaded = load_model(path, device=device, dtype=dtype, quantization=quantization, gpu_memory=budget)
+    without_reuse(loaded)
+    _sync(place)
+    load_s = time.perf_counter() - start
+    print(f"loaded in {load_s:.1f} s: {loaded.info.summary()}; {loaded.info.placement}", file=sys.stderr, flush=True)
+    model, processor, language = loaded.model, loaded.processor, loaded.model.language
+    special = processor.special
+    conversation = [Message("user", GROUNDING_QUERY, [test_image()])]
+    inputs = _to_device(processor(conversation), place)
+    mask = inputs["attention_mask"].long()
+    chunk = model.prefill_chunk_size
+    timed_answer(loaded, conversation, 2)  # warm-up of today's path
+
+    def allocated() -> int:
+        return torch.cuda.memory_allocated(place) if on_gpu else 0
+
+    before = allocated()
+    start = time.perf_counter()
+    decoder = StaticDecoder(language, max_batch=1)
+    _sync(place)
+    build_s = time.perf_counter() - start
+    decoder_bytes = allocated() - before
+    runner = capture_graphs(decoder) if on_gpu else None
+    captured = runner.stats if runner else None
+    print(f"decoder built in {build_s:.1f} s; captured: {captured}", file=sys.stderr, flush=True)
+
+    def use(static: bool) -> None:
+        if static:
+            attach(language, decoder)
+            model.new_cache = decoder.new_cache  # generate() and the chunked prefill take it
+        else:
+            detach(language)
+            vars(model).pop("new_cache", None)
+
+    with torch.inference_mode():
+        embeds = model.prepare_inputs_embeds(
+            inputs["input_ids"], inputs["pixel_values"], inputs["images_seq_mask"], inputs["images_spatial_crop"]
+        )
+
+    def prefill_stock():
+        cache = model.new_cache()
+        length = embeds.shape[1]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        for first in range(0, length, chunk or length):
+            end = min(first + (chunk or length), length)
+            piece = embeds[:, first:end]
+            out = language(inputs_embeds=piece, attention_mask=mask[:, :end], position_ids=positions[:, first:end],
+                           cache=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+        return cache, out.logits[:, -1]
+
+    @torch.inference_mode()
+    def bare(kind: str, keep: bool = False, forced: list | None = None) -> tuple[float, list, list]:
+        """Greedy ``new_tokens`` steps after the prompt (fed ``forced`` tokens instead, if given);
+        tokens/s, the tokens fed, and with ``keep`` the logits (the comparison; not timed)."""
+        if kind == "eager":
+            use(False)
+            cache, logits = prefill_stock()
+        else:
+            use(True)
+            decoder.runner = runner if kind == "graph" else None
+            logits = decoder.prefill(inputs_embeds=embeds, attention_mask=mask, chunk_size=chunk)
+        token = logits.argmax(-1).view(1, 1)
+        fed, kept = [], []
+        _sync(place)
+        begin = time.perf_counter()
+        for index in range(new_tokens):
+            token = forced[index] if forced is not None else token
+            fed.append(token)
+            if kind == "eager":
+                logits = language(input_ids=token, cache=cache, use_cache=True).logits[:, -1]
+            else:
+                logits = decoder.step(token)
+            if keep:
+                kept.append(logits.float().clone())
+            token = logits.argmax(-1).view(1, 1)
+        _sync(place)
+        seconds = time.perf_counter() - begin
+        decoder.runner = runner
+        return new_tokens / seconds, fed, kept
+
+    # Same answers: through model.generate with the app's penalty, and logits teacher-forced.
+    answers = {}
+    for static in (False, True):
+        use(static)
+        with torch.inference_mode():
+            answers[static] = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                             do_sample=False, repetition_penalty=1.1, eos_token_id=special.eos,
+                                             pad_token_id=special.pad)  # fmt: skip
+    same = answers[False].shape == answers[True].shape and bool((answers[False] == answers[True]).all())
+    differing = (answers[False] != answers[True]).nonzero()
+    _, fed, stock_logits = bare("eager", keep=True)  # fed: the eager path's greedy tokens
+    _, _, static_logits = bare("graph" if on_gpu else "static", keep=True, forced=fed)
+    errors = [float((a - b).norm() / b.norm()) for a, b in zip(static_logits, stock_logits, strict=True)]
+    pairs = zip(static_logits, stock_logits, strict=True)
+    argmax_same = sum(int(torch.equal(a.argmax(-1), b.argmax(-1))) for a, b in pairs)
+
+    samples: dict[str, list[float]] = {}
+    kinds = ("eager", "graph") if on_gpu else ("eager", "static")
+    for index in range(rounds):
+        for kind in kinds if index % 2 == 0 else kinds[::-1]:
+            use(kind != "eager")
+            first = timed_answer(loaded, conversation, 1)[0]
+            whole = timed_answer(loaded, conversation, new_tokens)[0]
+            samples.setdefault(f"{kind}_ttft_s", []).append(first)
+            if whole > first:  # a short answer on a noisy machine can take less than the median first token
+                samples.setdefault(f"{kind}_generate_tokens_per_s", []).append((new_tokens - 1) / (whole - first))
+            samples.setdefault(f"{kind}_bare_tokens_per_s", []).append(bare(kind)[0])
+            if kind == "graph":  # the uncaptured static step too: what the graphs add on their own
+                samples.setdefault("static_bare_tokens_per_s", []).append(bare("static")[0])
+    use(False)
+    result = {
+        "config": f"{variant}{'' if full_size else ' (reduced)'}/{precision} on {emulate_gib or device}",
+        "load_s": round(load_s, 1),
+        "placement": loaded.info.placement,
+        "prompt_tokens": int(embeds.shape[1]),
+        "new_tokens": new_tokens,
+        "rounds": rounds,
+        **{key: round(statistics.median(values), 3) for key, values in samples.items()},
+        "decoder_build_s": round(build_s, 2),
+        "capture_s": round(runner.stats.total_seconds, 2) if runner else None,
+        "graphs": runner.stats.graphs if runner else 0,
+        "graph_pool_mib": round(runner.stats.pool_bytes / 2**20, 1) if runner else 0,
+        "decoder_extra_mib": round(decoder_bytes / 2**20, 1),
+        **{f"decoder_{key.removesuffix('_bytes')}_mib": round(b / 2**20, 1) for key, b in decoder.memory().items()},
+        "experts_eager": {str(k): v for k, v in decoder.elsewhere.items()},
+        "answers_identical": same,
+        "first_difference": int(differing[0, 1]) if len(differing) else None,
+        "teacher_forced_max_rel_error": round(max(errors), 5),
+        "teacher_forced_argmax_same": f"{argmax_same}/{len(errors)}",
+    }
+    for measure in ("generate_tokens_per_s", "bare_tokens_per_s"):
+        eager, fast = result.get(f"eager_{measure}"), result.get(f"{kinds[1]}_{measure}")
+        if eager and fast:
+            result[f"{measure.removesuffix('_tokens_per_s')}_speedup"] = round(fast / eager, 3)
+    if on_gpu:
+        used = total - torch.cuda.mem_get_info(place)[0]
+        outside_allocator = max(0, used - torch.cuda.memory_reserved(place))
+        peak = torch.cuda.max_memory_reserved(place) + outside_allocator
+        result.update(
+            gpu=torch.cuda.get_device_name(place),
+            cuda_max_allocated_gib=round(torch.cuda.max_memory_allocated(place) / GIB, 2),
+            peak_gpu_gib=round(peak / GIB, 2),
+        )
+        if emulate_gib:
+            result["within_budget"] = peak <= emulate_gib * GIB
+    return result
+
+
+def graph_decode_each(
+    specs: list[str], new_tokens: int, rounds: int, deadline: float, reduced: bool, device: str
+) -> dict:
+    """:func:`graph_decode` for each configuration, each in a process of its own (an emulated
+    card's memory limit is per process), within ``deadline`` seconds in all."""
+    started = time.perf_counter()
+    results = {}
+    for spec in specs:
+        left = deadline - (time.perf_counter() - started)
+        if left < 20:
+            results[spec] = {"error": "skipped: the deadline was reached"}
+            continue
+        argv = ["graph", spec, "--new-tokens", str(new_tokens), "--rounds", str(rounds), "--device", device]
+        argv += ["--reduced"] if reduced else []
+        results[spec] = _step(f"graph {spec}", argv, left)
+    return results
+
+
 def _step(name: str, argv: list[str], seconds: float) -> dict:
     """Run one step in a process of its own; its last JSON line is the result."""
     print(f"== {name} ({seconds:.0f} s left for it)", flush=True)
@@ -279,6 +504,8 @@ STEPS = {
     "tiny-harness": (["harness", "{out}/tiny.json"], 400),
     "small-checkpoint": (["checkpoint", "small"], 240),
     "small-nf4-8gib": (["answer", "small", "nf4", "--gib", "8"], 360),
+    # Issue 24: eager decode against CUDA-graph decode, paired, three configurations.
+    "graph_decode": (["graph", *GRAPH_CONFIGS, "--deadline", "530"], 540),
 }
 
 
@@ -326,6 +553,13 @@ def main(argv: list[str] | None = None) -> int:
     trace.add_argument("--new-tokens", type=int, default=24)
     trace.add_argument("--device", default="cuda", help="cpu: a dry run of this step where there is no GPU")
     trace.add_argument("--reduced", action="store_true", help="the small generated checkpoint, not full size")
+    graph = sub.add_parser("graph", help="eager against CUDA-graph decode (one process per configuration)")
+    graph.add_argument("configs", nargs="+", metavar="VARIANT:PRECISION[:GiB]", help=f"e.g. {' '.join(GRAPH_CONFIGS)}")
+    graph.add_argument("--new-tokens", type=int, default=32)
+    graph.add_argument("--rounds", type=int, default=3)
+    graph.add_argument("--deadline", type=float, default=530, help="seconds for all configurations together")
+    graph.add_argument("--device", default="cuda", help="cpu: a dry run (the static step uncaptured)")
+    graph.add_argument("--reduced", action="store_true", help="the small generated checkpoints, not full size")
     harness = sub.add_parser("harness")
     harness.add_argument("json_out")
     args = parser.parse_args(argv)
@@ -341,7 +575,26 @@ def main(argv: list[str] | None = None) -> int:
                 "embeds_s", "prefill_s", "decode_ms_per_token", "logit_error")  # fmt: skip
         print(json.dumps({"rows": [{key: row.get(key) for key in keys} for row in rows]}))
         return status
-    if args.step == "environment":
+    if args.step == "graph":
+        configs = [parse_graph_config(spec) for spec in args.configs]  # bad input fails here, before any work
+        if len(configs) > 1:
+            result = graph_decode_each(
+                args.configs, args.new_tokens, args.rounds, args.deadline, args.reduced, args.device
+            )
+            print(json.dumps(result))
+            return 0 if all("error" not in value for value in result.values()) else 1
+        variant, precision, gib = configs[0]
+        result = compute_thread.run(
+            graph_decode,
+            variant,
+            precision,
+            gib if args.device.startswith("cuda") else None,
+            args.new_tokens,
+            rounds=args.rounds,
+            full_size=not args.reduced,
+            device=args.device,
+        )
+    elif args.step == "environment":
         result = environment()
     elif args.step == "profile":
         profiled = (args.variant, args.precision, args.new_tokens, args.device, not args.reduced)
