@@ -25,6 +25,8 @@ from urllib.parse import urlsplit
 
 from starlette.middleware import Middleware
 
+from model.environment import read
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -89,8 +91,8 @@ class AccessPolicy:
             hosts.append(environ["SPACE_HOST"].lower())
         if share:
             hosts.append("*.gradio.live")
-        hosts += _split_list(environ.get("VL2_ALLOWED_HOSTS"))
-        origins = tuple(o.rstrip("/") for o in _split_list(environ.get("VL2_ALLOWED_ORIGINS")))
+        hosts += _split_list(read("VL2_ALLOWED_HOSTS", environ=environ))
+        origins = tuple(o.rstrip("/") for o in _split_list(read("VL2_ALLOWED_ORIGINS", environ=environ)))
         policy = cls(tuple(dict.fromkeys(hosts)), origins)
         return policy if max_upload_bytes is None else replace(policy, max_upload_bytes=max_upload_bytes)
 

@@ -9,6 +9,8 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
+from model.environment import read
+
 from .backends.base import Backend, BackendInfo
 from .backends.loading import BackgroundLoadedBackend
 from .hosting import default_host
@@ -25,7 +27,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that choose the model and where it runs (the app's and the labelling command's)."""
     parser.add_argument(
         "--model",
-        default=os.environ.get("VL2_MODEL", DEFAULT_MODEL),
+        default=read("VL2_MODEL", DEFAULT_MODEL),
         help="hub id or local checkpoint folder (default: %(default)s)",
     )
     parser.add_argument(
@@ -38,7 +40,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     parser.add_argument(
         "--gpu-memory",
-        default=os.environ.get("VL2_GPU_MEMORY", "auto"),
+        default=read("VL2_GPU_MEMORY", "auto"),
         help="GPU budget like 8GiB; auto: the card's free memory. Experts that do not fit run on the CPU",
     )
     parser.add_argument(
@@ -49,7 +51,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--server-url",
-        default=os.environ.get("VL2_SERVER_URL", "http://127.0.0.1:8000/v1"),
+        default=read("VL2_SERVER_URL", "http://127.0.0.1:8000/v1"),
         help="OpenAI-compatible base URL for --backend openai",
     )
 

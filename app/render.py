@@ -10,7 +10,6 @@ character is drawn with the first font that has it (a label mixing scripts is dr
 from __future__ import annotations
 
 import functools
-import os
 import shutil
 import subprocess
 import unicodedata
@@ -18,6 +17,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from model.environment import read
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -82,7 +83,7 @@ def font_paths() -> tuple[str, ...]:
     dropped = sorted(
         str(path) for path in (ASSETS / "fonts").glob("*") if path.suffix.lower() in FONT_SUFFIXES
     )  # glob of a missing folder is empty
-    ordered = [os.environ.get("VL2_LABEL_FONT") or "", FONT_CANDIDATES[0], *dropped, *FONT_CANDIDATES[1:]]
+    ordered = [read("VL2_LABEL_FONT") or "", FONT_CANDIDATES[0], *dropped, *FONT_CANDIDATES[1:]]
     return tuple(dict.fromkeys(path for path in ordered if path and Path(path).is_file()))
 
 

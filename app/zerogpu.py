@@ -18,8 +18,10 @@ import os
 from collections.abc import Callable
 from typing import TypeVar
 
+from model.environment import read_int
+
 F = TypeVar("F", bound=Callable)
-GPU_SECONDS = int(os.environ.get("VL2_GPU_SECONDS", "120"))
+GPU_SECONDS = read_int("VL2_GPU_SECONDS", 120)
 
 
 def on_zerogpu() -> bool:

@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -38,17 +37,18 @@ import torch
 from PIL import Image
 
 from model import compute_thread
-from model.cpu_decode import TinyDecodeStep, step_graphs, warm_up
-from model.cpu_kernels import CpuLinear
+from model.cpu.decode import TinyDecodeStep, step_graphs, warm_up
+from model.cpu.kernels import CpuLinear
+from model.cpu.native import NativeDecodeStep
+from model.environment import read
 from model.loading import LoadedModel, load_model
-from model.native_decode import NativeDecodeStep
 from model.processing import Message
 from model.testing import make_checkpoint, official_config, official_tensor_shapes
 
 from .memory import PeakMemory, fixed_mmap_threshold, max_rss_bytes, rss_bytes
 
 # Where generated checkpoints are kept between runs (full-size Small is 32 GB: a RAM disk may be faster).
-CACHE = Path(os.environ.get("VL2_BENCH_CACHE") or Path(tempfile.gettempdir()) / "vl2-bench-checkpoints")
+CACHE = Path(read("VL2_BENCH_CACHE") or Path(tempfile.gettempdir()) / "vl2-bench-checkpoints")
 PRECISIONS = {"fp32": ("fp32", None), "bf16": ("bf16", None), "nf4": ("bf16", "4bit"), "int8": ("bf16", "8bit")}
 MB = 1e6
 # The long prompt of the memory runs: near Tiny's and Small's 4,096-token context.
@@ -434,7 +434,7 @@ def paired_decoders(model: torch.nn.Module, cache, token: torch.Tensor, position
 
 
 def compiled_step(language: torch.nn.Module) -> TinyDecodeStep:
-    """The compiled whole step (model/cpu_decode.py) for a model that decodes with the native one,
+    """The compiled whole step (model/cpu/decode.py) for a model that decodes with the native one,
     compiled and checked as at load."""
     step = TinyDecodeStep(language, step_graphs())
     warm_up(language, step)

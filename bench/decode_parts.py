@@ -10,7 +10,7 @@ times:
 * ``lm_head``: the compiled one-row product over ``lm_head``, the largest single read of a step;
 * ``attention``: the compiled one-query attention over one layer's cached keys and values;
 * ``routed experts``: one token's six routed experts, as one compiled call;
-* ``moe stage``: the compiled whole-step decoder's graph for one MoE layer (``model/cpu_decode.py``):
+* ``moe stage``: the compiled whole-step decoder's graph for one MoE layer (``model/cpu/decode.py``):
   experts, residual, next norm, attention and router, as a step calls it;
 * ``step``: a whole decode step.
 
@@ -30,7 +30,7 @@ checks, the graphs' own wrappers, ``topk``. The environment variable must be set
 kernels compile (it changes Inductor's cache key); the profiler adds a little to the rest.
 
 The parts above are the compiled step's (``VL2_DECODE_STEP=compiled``). ``--native`` times the
-native step (``model/native_decode.py``, bf16 on AVX512-BF16) by phase instead, from a build of
+native step (``model/cpu/native.py``, bf16 on AVX512-BF16) by phase instead, from a build of
 ``csrc/tiny_decode.c`` that notes the time at each phase's end: each phase's milliseconds and the
 speed at which it read its bytes, against ``sum`` read just before the step.
 """
@@ -48,9 +48,10 @@ from unittest import mock
 
 import torch
 
-from model import compute_thread, native_decode
-from model.cpu_decode import _norm, step_graphs
-from model.cpu_kernels import decode_kernels, product_weight, swiglu_weights
+from model import compute_thread
+from model.cpu import native as native_decode
+from model.cpu.decode import _norm, step_graphs
+from model.cpu.kernels import decode_kernels, product_weight, swiglu_weights
 from model.loading import load_model
 
 from .__main__ import _cache_bytes, build, read_once_gb_per_s, read_source, step_costs

@@ -17,7 +17,9 @@ from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-DEFAULT_MAX_PIXELS = int(os.environ.get("VL2_MAX_PIXELS", 64_000_000))
+from .environment import read_int
+
+DEFAULT_MAX_PIXELS = read_int("VL2_MAX_PIXELS", 64_000_000)
 # Work grows with the longest side too (drawing, tiling), not only with the pixel count: a 1×64,000,000
 # strip is "64 MP" but costs minutes. Both are checked from the header.
 DEFAULT_MAX_SIDE = 16_384

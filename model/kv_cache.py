@@ -13,7 +13,7 @@ The tensors it returns are views of the buffer, so everything that reads ``keys`
 such an operation simply starts a new buffer on its next update.
 
 Optionally the values are stored dimension-major (``[..., head_dim, tokens]``) and handed out as
-a transposed view. The CPU decode attention (``model/cpu_kernels.py``) sums values over tokens;
+a transposed view. The CPU decode attention (``model/cpu/kernels.py``) sums values over tokens;
 reading them along the contiguous axis takes 0.35 ms a layer at 1,440 tokens instead of 0.74.
 Such a buffer keeps only a little spare room (``DIM_MAJOR_SPARE_TOKENS``): its rows are read one
 after another, and with a quarter of spare room between them the CPU's prefetchers lose the

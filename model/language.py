@@ -11,6 +11,8 @@ Each gets its routed experts as per-expert linears (``model/experts.py``).
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 from transformers import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, GenerationMixin
@@ -22,17 +24,25 @@ from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (
 )
 
 from .configuration import TextConfig, VL2BaseTextConfig, VL2SmallTextConfig, VL2TinyTextConfig
-from .cpu_decode import TinyDecodeStep
 from .experts import install_routed_experts
 from .mla import install_absorbed_mla
-from .native_decode import NativeDecodeStep
+
+
+class DecodeStep(Protocol):
+    """A whole decode step computed by other means (a device package installs one at load)."""
+
+    def applies(self, tokens: torch.Tensor | None, cache, attention_mask: torch.Tensor | None, kwargs: dict) -> bool:
+        """Whether this call is a step it computes (else the stock forward runs)."""
+        ...
+
+    def __call__(self, input_ids, inputs_embeds, cache, attention_mask, position_ids) -> CausalLMOutputWithPast: ...
 
 
 class VL2TinyForCausalLM(DeepseekOcr2TextPreTrainedModel, GenerationMixin):
     config: VL2TinyTextConfig
     _tied_weights_keys: dict[str, str] = {}
-    # The whole-step decoder on the CPU (model/native_decode.py or model/cpu_decode.py), installed at load.
-    decode_step: NativeDecodeStep | TinyDecodeStep | None = None
+    # A whole-step decoder installed at load by a device package (model/cpu/: native.py, decode.py).
+    decode_step: DecodeStep | None = None
 
     def __init__(self, config: VL2TinyTextConfig) -> None:
         super().__init__(config)

@@ -20,9 +20,8 @@ import torch
 from torch import nn
 
 from . import compute_thread
+from .accelerate import accelerate
 from .configuration import ConfigError, load_official_config, variant_name
-from .cpu_compute import apply_cpu_compute
-from .cuda_attention import use_any_length_attention
 from .experts import RoutedExperts
 from .inspect import summarize
 from .modeling import DeepseekVL2ForCausalLM
@@ -175,7 +174,7 @@ def default_dtype(device: str) -> torch.dtype:
     """bf16 (the checkpoints' own dtype); fp16 on GPUs without bf16.
 
     On the CPU too: half the memory of fp32 (full-size Tiny: 6.7 GB against 13.5 GB), and where
-    bf16 products are slow (AVX2 chips) ``model/cpu_compute.py`` multiplies prefill and vision in
+    bf16 products are slow (AVX2 chips) ``model/cpu/compute.py`` multiplies prefill and vision in
     fp32 from the bf16 weights. ``--dtype fp32`` stays available.
     """
     if device.startswith("cuda"):
@@ -396,16 +395,11 @@ def load_model(
         model.prefill_chunk_size = PLACED_PREFILL_CHUNK
         compute = compute_share_on_cpu(model, placement, torch_dtype, via=device, progress=say)
         cpu_share_bytes = sum(p.numel() * p.element_size() for p in cpu_share(model, placement).parameters())
-    if torch.device(device).type == "cuda":
-        use_any_length_attention(model.language)
     if torch.device(device).type == "cpu":
         say("measuring this CPU and compiling its decode kernels")
-        compute = apply_cpu_compute(model)
-        # A CPU load leaves weights memory-mapped from the checkpoint. Every other weight is read
-        # whole in the first forwards, but each new token reads one embedding row straight from the
-        # file: 4.2 ms a token against 0.01 ms from memory (measured on full-size Tiny). 0.33 GB.
-        embeddings = model.get_input_embeddings()
-        embeddings.weight.data = embeddings.weight.data.clone()
+    compute_line = accelerate(model, device)
+    if compute is not None:  # the experts placed on the CPU beside a GPU have a plan of their own
+        compute_line = "; ".join(line for line in (compute_line, compute.describe()) if line)
     placement_text = placement.describe() if placement is not None else ""
     if cpu_share_bytes:
         held_as = str(torch_dtype).removeprefix("torch.")
@@ -421,6 +415,6 @@ def load_model(
         bytes_by_dtype=summary["by_dtype"],
         parts=summary["by_kind"],
         placement=placement_text,
-        compute=compute.describe() if compute is not None else "",
+        compute=compute_line,
     )
     return LoadedModel(model=model, processor=processor, info=load_info)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .cpu_compute import CpuComputePlan, apply_cpu_compute
+from .cpu.compute import CpuComputePlan, apply_cpu_compute
 
 MIB, GIB = 2**20, 2**30
 # Outside PyTorch's allocator: the CUDA context and cuBLAS workspaces.
@@ -272,7 +272,7 @@ def compute_share_on_cpu(
 ) -> CpuComputePlan | None:
     """Ready the experts ``placement`` left on the CPU for computing there: 4-bit ones unpacked
     (:func:`unpack_4bit_linears`), then the CPU's GEMM dtype and decode kernels, chosen once for
-    all of them (``model/cpu_compute.py``)."""
+    all of them (``model/cpu/compute.py``)."""
     say = progress if progress is not None else (lambda _message: None)
     share = cpu_share(model, placement)
     say(f"unpacking the routed experts of {len(placement.cpu_layers)} layers for the CPU")

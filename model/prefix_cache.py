@@ -14,12 +14,13 @@ byte budget.
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass
 
 import torch
 from transformers import Cache
+
+from .environment import read_float
 
 DEFAULT_MB = 384  # a few conversations of Tiny in bf16 (about 60 KiB a token)
 GPU_DEFAULT_MB = 128  # on a GPU the entries hold device memory the placement plan did not count
@@ -79,7 +80,7 @@ class PrefixCache:
     @classmethod
     def from_env(cls, *, on_gpu: bool = False) -> PrefixCache | None:
         """The cache ``VL2_PREFIX_CACHE_MB`` asks for (else the default for the device); None when it is 0."""
-        megabytes = float(os.environ.get(ENV, GPU_DEFAULT_MB if on_gpu else DEFAULT_MB))
+        megabytes = read_float(ENV, GPU_DEFAULT_MB if on_gpu else DEFAULT_MB)
         return cls(int(megabytes * 2**20)) if megabytes > 0 else None
 
     @staticmethod

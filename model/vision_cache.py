@@ -13,12 +13,13 @@ so a feature served from here is bit-identical to computing it again.
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+
+from .environment import read_float
 
 DEFAULT_MB = 256  # about 40 seven-tile images of Tiny in fp32 (a tile is 196 × 1,280 values)
 GPU_DEFAULT_MB = 64  # on a GPU the features hold device memory the placement plan did not count
@@ -64,7 +65,7 @@ class VisionFeatureCache:
     @classmethod
     def from_env(cls, *, on_gpu: bool = False) -> VisionFeatureCache | None:
         """The cache ``VL2_VISION_CACHE_MB`` asks for (else the default for the device); None when it is 0."""
-        megabytes = float(os.environ.get(ENV, GPU_DEFAULT_MB if on_gpu else DEFAULT_MB))
+        megabytes = read_float(ENV, GPU_DEFAULT_MB if on_gpu else DEFAULT_MB)
         return cls(int(megabytes * 2**20)) if megabytes > 0 else None
 
     def get(self, key: str) -> torch.Tensor | None:

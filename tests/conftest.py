@@ -11,7 +11,7 @@ import torch
 from model.testing import VARIANTS, make_checkpoint
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-# The loader picks the CPU's GEMM dtype by timing this machine (model/cpu_compute.py); tests that
+# The loader picks the CPU's GEMM dtype by timing this machine (model/cpu/compute.py); tests that
 # compare dtypes or outputs need the same choice everywhere. tests/test_cpu_compute.py covers both.
 os.environ.setdefault("VL2_CPU_GEMM", "bf16")
 

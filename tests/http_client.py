@@ -8,7 +8,6 @@ sends them; Gradio runs "private" handlers for anyone who names their ``fn_index
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,7 +16,9 @@ from typing import Any
 
 import httpx
 
-REQUEST_SECONDS = float(os.environ.get("VL2_TEST_REQUEST_SECONDS", "120"))  # one whole request
+from model.environment import read_float
+
+REQUEST_SECONDS = read_float("VL2_TEST_REQUEST_SECONDS", 120.0)  # one whole request
 READ_SECONDS = 30.0  # one read on an event stream; Gradio's heartbeats come every 15 s
 FILE_DATA = {"_type": "gradio.FileData"}
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.configuration import vision_config_from_official
-from model.cpu_compute import (
+from model.cpu.compute import (
     MIN_ROWS_FOR_FP32,
     GemmSpeeds,
     apply_cpu_compute,
@@ -21,7 +21,7 @@ from model.cpu_compute import (
     use_fp32_for_many_rows,
     vision_tiles_per_batch,
 )
-from model.cpu_kernels import CpuLinear
+from model.cpu.kernels import CpuLinear
 from model.loading import load_model
 from model.processing import Message
 from model.testing import official_config

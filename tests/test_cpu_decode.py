@@ -1,4 +1,4 @@
-"""The compiled whole-step CPU decoder (model/cpu_decode.py): the stock decoder's results, used
+"""The compiled whole-step CPU decoder (model/cpu/decode.py): the stock decoder's results, used
 exactly for the steps it covers, and never installed when it would not match."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from model import cpu_decode
-from model.cpu_decode import supports, use_decode_step
+from model.cpu import decode as cpu_decode
+from model.cpu.decode import supports, use_decode_step
 from model.kv_cache import DIM_MAJOR_SPARE_TOKENS, MIN_SPARE_TOKENS
 from model.loading import load_model
 from model.processing import Message

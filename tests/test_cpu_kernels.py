@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from model import cpu_kernels
-from model.cpu_kernels import ATTENTION_NAME, CpuLinear, DecodeKernels, decode_kernels, use_decode_kernels
+from model.cpu import kernels as cpu_kernels
+from model.cpu.kernels import ATTENTION_NAME, CpuLinear, DecodeKernels, decode_kernels, use_decode_kernels
 from model.experts import RoutedExperts
 from model.loading import load_model
 
@@ -160,7 +160,7 @@ def test_a_cpu_load_decodes_with_the_kernels_and_gives_pytorchs_tokens(checkpoin
 def test_single_sequence_decode_steps_use_one_call_per_mlp_and_per_token_experts(checkpoints, kernels):
     loaded = load_model(checkpoints["tiny"], device="cpu", dtype="bf16")
     language = loaded.model.language
-    language.decode_step = None  # the per-module path, as Small and base decode (model/cpu_decode.py)
+    language.decode_step = None  # the per-module path, as Small and base decode (model/cpu/decode.py)
     counting, calls = _counting(kernels)
     use_decode_kernels(language, counting)
     layers = language.model.layers
@@ -202,7 +202,7 @@ def test_without_a_compiler_the_model_keeps_pytorchs_kernels(checkpoints, monkey
 
 
 def test_the_cpu_share_of_a_4bit_model_keeps_bitsandbytes_kernels(checkpoints):
-    from model.cpu_compute import apply_cpu_compute
+    from model.cpu.compute import apply_cpu_compute
 
     loaded = load_model(checkpoints["tiny"], device="cpu", dtype="bf16", quantization="4bit")
     assert "decode: compiled one-row kernels" in loaded.info.compute  # attention and lm_head stay bf16

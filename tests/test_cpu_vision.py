@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from transformers.models.siglip.modeling_siglip import SiglipMLP
 
-from model import cpu_vision
 from model.configuration import vision_config_from_official
-from model.cpu_vision import FusedGeluMLP, fuse_vision_mlp
+from model.cpu import vision as cpu_vision
+from model.cpu.vision import FusedGeluMLP, fuse_vision_mlp
 from model.loading import load_model
 from model.testing import official_config
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import cuda_attention
 from model.configuration import load_official_config
-from model.cuda_attention import use_any_length_attention
+from model.cuda import attention as cuda_attention
+from model.cuda.attention import use_any_length_attention
 from model.modeling import DeepseekVL2ForCausalLM
 
 

@@ -72,7 +72,7 @@ def test_dimension_major_values_keep_little_spare_room_after_a_long_prompt():
 
 @pytest.mark.parametrize("values_dim_major", [False, True])
 def test_extend_hands_out_the_buffers_to_write_new_tokens_into(values_dim_major):
-    """As the compiled decode step writes (model/cpu_decode.py): into the buffers, past the
+    """As the compiled decode step writes (model/cpu/decode.py): into the buffers, past the
     current length, after ``extend``; including past the first buffer's room."""
     growing, dynamic = GrowingLayer(values_dim_major), DynamicLayer()
     prompt, *steps = _steps([4] + [1] * (MIN_SPARE_TOKENS + 2))

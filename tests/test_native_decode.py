@@ -1,4 +1,4 @@
-"""The native whole-step CPU decoder (model/native_decode.py, model/csrc/tiny_decode.c): as accurate
+"""The native whole-step CPU decoder (model/cpu/native.py, model/cpu/csrc/tiny_decode.c): as accurate
 as the stock decoder for the steps it covers, installed only where it builds and matches, and the
 compiled step in its place elsewhere."""
 
@@ -11,11 +11,11 @@ from collections import Counter
 import pytest
 import torch
 
-from model import native_decode
-from model.cpu_decode import TinyDecodeStep
+from model.cpu import native as native_decode
+from model.cpu.decode import TinyDecodeStep
+from model.cpu.native import NativeDecodeStep, native_supports, use_native_decode_step
 from model.kv_cache import DIM_MAJOR_SPARE_TOKENS
 from model.loading import load_model
-from model.native_decode import NativeDecodeStep, native_supports, use_native_decode_step
 from model.testing import make_checkpoint
 
 from .test_cpu_decode import (

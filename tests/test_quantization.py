@@ -8,7 +8,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from model.cpu_kernels import CpuLinear
+from model.cpu.kernels import CpuLinear
 from model.experts import RoutedExperts
 from model.loading import ModelLoadError, QuantizationUnavailable, load_model, unquantized_expert_weights
 from model.processing import Message

@@ -14,7 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from model.configuration import load_official_config
 from model.cuda import StaticDecoder, attach, detach
-from model.cuda.static_decode import Expert4bitStack, StaticKVCache, dequantize_4bit_reference
+from model.cuda.expert_stacks import Expert4bitStack, dequantize_4bit_reference
+from model.cuda.static_cache import StaticKVCache
 from model.modeling import DeepseekVL2ForCausalLM
 
 BUCKETS = (16, 32, 64)
@@ -351,11 +352,11 @@ def test_buckets_and_capacity():
         stub.bucket_for(65)
 
 
-def test_accelerate_attaches_on_the_cpu_and_graphs_need_cuda(models):
-    from model.cuda import GraphRunner, accelerate
+def test_install_static_decode_attaches_on_the_cpu_and_graphs_need_cuda(models):
+    from model.cuda import GraphRunner, install_static_decode
 
     model = models("tiny")
-    decoder = accelerate(model.language, max_batch=1, buckets=BUCKETS)
+    decoder = install_static_decode(model.language, max_batch=1, buckets=BUCKETS)
     try:
         assert model.language.static_decoder is decoder and decoder.runner is None  # nothing captured on a CPU
         with pytest.raises(ValueError, match="CUDA"):

@@ -44,361 +44,20 @@ per decoder: its buffers are the cache.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.deepseek_v2 import modeling_deepseek_v2 as v2
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as v3
 
 from ..mla import absorbed_attention
+from .expert_stacks import ExpertStack, nbytes, route, stack_experts
+from .static_cache import StaticKVCache, _SlotWriter
 
 DEFAULT_BUCKETS = (256, 512, 1024, 2048, 4096)
-
-
-# -- routed experts with fixed shapes -------------------------------------------------------------
-def is_4bit(linear: nn.Module) -> bool:
-    return getattr(getattr(linear, "weight", None), "quant_state", None) is not None
-
-
-class ExpertStack:
-    """One MoE layer's routed experts for fixed-shape dispatch. ``__call__(x [T, H], index [T, k],
-    weights [T, k]) -> [T, H]``: the same mixture as ``RoutedExperts`` (each expert's output in
-    the activations' dtype, weighed and summed in fp32, cast back)."""
-
-    num_experts: int
-    hidden: int
-    width: int
-    act: Callable[[torch.Tensor], torch.Tensor]
-    dense_when_full: bool = True  # may run all experts once a batch picks as many as there are
-    added_bytes: int = 0  # device memory this stack holds beyond the model's own weights
-
-    def weights(self, index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gate+up [M, 2I, H] and down [M, H, I] for the experts ``index`` ([M]; None: all)."""
-        raise NotImplementedError
-
-    def __call__(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        tokens, top_k = index.shape
-        if self.dense_when_full and tokens * top_k >= self.num_experts:
-            return self._all_experts(x, index, weights)
-        flat = index.reshape(-1)
-        gate_up, down = self.weights(flat)
-        rows = x.repeat_interleave(top_k, dim=0).unsqueeze(1)  # [T*k, 1, H]
-        gate, up = torch.bmm(rows, gate_up.transpose(1, 2)).split(self.width, dim=-1)
-        out = torch.bmm(self.act(gate) * up, down.transpose(1, 2)).view(tokens, top_k, self.hidden)
-        return (out.float() * weights.float().unsqueeze(-1)).sum(1).to(x.dtype)
-
-    def _all_experts(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        gate_up, down = self.weights(None)
-        rows = x.unsqueeze(0).expand(self.num_experts, *x.shape)  # [E, T, H]
-        gate, up = torch.bmm(rows, gate_up.transpose(1, 2)).split(self.width, dim=-1)
-        out = torch.bmm(self.act(gate) * up, down.transpose(1, 2))  # [E, T, H]
-        chosen = torch.zeros(x.shape[0], self.num_experts, dtype=torch.bool, device=x.device)
-        chosen.scatter_(1, index, True)
-        scale = torch.zeros(x.shape[0], self.num_experts, dtype=torch.float32, device=x.device)
-        scale.scatter_(1, index, weights.float())
-        # where(), not a product with zero: an expert nobody chose must not bring in an inf.
-        mixed = torch.where(chosen.T.unsqueeze(-1), out.float() * scale.T.unsqueeze(-1), 0.0)
-        return mixed.sum(0).to(x.dtype)
-
-
-def _describe(experts: nn.ModuleList) -> tuple[int, int, int, Callable]:
-    first = experts[0]
-    return len(experts), first.gate_proj.in_features, first.gate_proj.out_features, first.act_fn
-
-
-class DenseExpertStack(ExpertStack):
-    """Full-precision experts stacked into two tensors; with ``share`` each expert's linears are
-    re-pointed to views of the stacks (no second copy; built one layer at a time)."""
-
-    def __init__(self, experts: nn.ModuleList, share: bool = True) -> None:
-        self.num_experts, self.hidden, self.width, self.act = _describe(experts)
-        weight = experts[0].gate_proj.weight
-        if any(lin.bias is not None for ex in experts for lin in (ex.gate_proj, ex.up_proj, ex.down_proj)):
-            raise ValueError("routed experts with biases are not supported")
-        shape = (self.num_experts, 2 * self.width, self.hidden)
-        self.gate_up = torch.empty(shape, dtype=weight.dtype, device=weight.device)
-        self.down = torch.empty((self.num_experts, self.hidden, self.width), dtype=weight.dtype, device=weight.device)
-        for e, expert in enumerate(experts):
-            self.gate_up[e, : self.width].copy_(expert.gate_proj.weight)
-            self.gate_up[e, self.width :].copy_(expert.up_proj.weight)
-            self.down[e].copy_(expert.down_proj.weight)
-            if share:
-                expert.gate_proj.weight = nn.Parameter(self.gate_up[e, : self.width], requires_grad=False)
-                expert.up_proj.weight = nn.Parameter(self.gate_up[e, self.width :], requires_grad=False)
-                expert.down_proj.weight = nn.Parameter(self.down[e], requires_grad=False)
-        self.added_bytes = 0 if share else _nbytes(self.gate_up, self.down)
-
-    def weights(self, index):
-        if index is None:
-            return self.gate_up, self.down
-        return self.gate_up.index_select(0, index), self.down.index_select(0, index)
-
-
-def _nbytes(*tensors: torch.Tensor) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _standard_4bit(linear: nn.Module) -> tuple[torch.Tensor, object]:
-    """A 4-bit weight's packed codes (flat uint8) and quant state, in bitsandbytes' standard layout."""
-    data, state = linear.weight.data, linear.weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
-        # bitsandbytes' AVX512 CPU kernel repacks a weight at its first CPU call, rounding the block
-        # scales to bf16; undoing that is lossy and rewrites the layer's state. Only on the CPU.
-        raise ValueError(
-            "a 4-bit expert was repacked for bitsandbytes' CPU kernel; stack the experts before "
-            "their first CPU call, or turn the repacking off (support_avx512bf16_for_cpu = False)"
-        )
-    return data.reshape(-1).view(torch.uint8), state
-
-
-class Packed4bit:
-    """The 4-bit weights of one kind (gate+up, or down) of all of a layer's experts, stacked:
-    codes [E, bytes], block scales (double-quantized ones as their 8-bit codes, second-level
-    scales and offsets), and how to dequantize the rows of chosen experts with fixed shapes."""
-
-    def __init__(self, per_expert: Sequence[Sequence[nn.Module]], share: bool) -> None:
-        first = per_expert[0][0].weight.quant_state
-        self.blocksize, self.quant_type, self.nested = first.blocksize, first.quant_type, first.nested
-        self.code = first.code.float()
-        device = per_expert[0][0].weight.device
-        parts = [[_standard_4bit(linear) for linear in linears] for linears in per_expert]
-        for linears in parts:
-            for _data, state in linears:
-                if (state.blocksize, state.quant_type, state.nested) != (self.blocksize, self.quant_type, self.nested):
-                    raise ValueError("experts quantized with different 4-bit settings")
-                if not torch.equal(state.code.float(), self.code):
-                    raise ValueError("experts with different 4-bit code books")
-                if math.prod(state.shape) % self.blocksize:
-                    raise ValueError(f"a 4-bit expert of shape {tuple(state.shape)} is not whole blocks")
-        self.codes = torch.stack([torch.cat([data for data, _ in linears]) for linears in parts])
-        if self.nested:
-            state2 = first.state2
-            self.code2 = state2.code.float()
-            self.absmax = torch.stack([torch.cat([s.absmax.reshape(-1) for _, s in linears]) for linears in parts])
-            self.absmax2 = torch.stack(
-                [torch.cat([s.state2.absmax.reshape(-1).float() for _, s in linears]) for linears in parts]
-            )
-            self.offsets = torch.stack(
-                [torch.stack([torch.as_tensor(s.offset, device=device).float().reshape(()) for _, s in linears])
-                 for linears in parts]
-            )  # fmt: skip
-            nested_index, part_index, start2 = [], [], 0
-            for p, (_, state) in enumerate(parts[0]):
-                blocks = state.absmax.numel()
-                if state.state2.blocksize != state2.blocksize or not torch.equal(state.state2.code.float(), self.code2):
-                    raise ValueError("experts with different second-level 4-bit statistics")
-                nested_index.append(start2 + torch.arange(blocks, device=device) // state2.blocksize)
-                part_index.append(torch.full((blocks,), p, device=device))
-                start2 += state.state2.absmax.numel()
-            self.nested_index = torch.cat(nested_index)
-            self.part_index = torch.cat(part_index)
-        else:
-            self.absmax = torch.stack([torch.cat([s.absmax.reshape(-1).float() for _, s in linears])
-                                       for linears in parts])  # fmt: skip
-        if share:
-            self._share(per_expert, parts)
-        stacked = [self.codes, self.absmax] + ([self.absmax2, self.offsets] if self.nested else [])
-        self.added_bytes = _nbytes(self.offsets) if share and self.nested else 0 if share else _nbytes(*stacked)
-
-    def _share(self, per_expert, parts) -> None:
-        """Point every expert's packed weight and statistics at its rows of the stacks."""
-        for e, linears in enumerate(per_expert):
-            byte, block, block2 = 0, 0, 0
-            for linear, (data, state) in zip(linears, parts[e], strict=True):
-                weight = linear.weight
-                weight.data = self.codes[e, byte : byte + data.numel()].view(weight.data.dtype).view(weight.data.shape)
-                byte += data.numel()
-                blocks = state.absmax.numel()
-                state.absmax = self.absmax[e, block : block + blocks]
-                block += blocks
-                if self.nested:
-                    blocks2 = state.state2.absmax.numel()
-                    state.state2.absmax = self.absmax2[e, block2 : block2 + blocks2]
-                    block2 += blocks2
-
-    def scales(self, index: torch.Tensor | None) -> torch.Tensor:
-        """fp32 block scales [M, blocks] of experts ``index`` (None: all), as bitsandbytes computes
-        them: second-level code × second-level scale, plus the tensor's offset."""
-
-        def pick(t):
-            return t if index is None else t.index_select(0, index)
-
-        if not self.nested:
-            return pick(self.absmax)
-        codes = pick(self.absmax).long()
-        return self.code2[codes] * pick(self.absmax2)[:, self.nested_index] + pick(self.offsets)[:, self.part_index]
-
-    def dequantize(self, index: torch.Tensor | None, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-        codes = self.codes if index is None else self.codes.index_select(0, index)
-        scales = self.scales(index)
-        rows = codes.shape[0]
-        if codes.is_cuda:  # bitsandbytes' kernel: one pass, on the current (capturing) stream
-            import bitsandbytes.functional as bnb_functional
-
-            out = torch.empty((rows, *shape), dtype=dtype, device=codes.device)
-            flat_codes, flat_scales = codes.reshape(-1), scales.reshape(-1)
-            bnb_functional.dequantize_4bit(
-                flat_codes, absmax=flat_scales, out=out, blocksize=self.blocksize, quant_type=self.quant_type
-            )
-            return out
-        return dequantize_4bit_reference(codes, scales, self.code, self.blocksize, (rows, *shape), dtype)
-
-
-def dequantize_4bit_reference(
-    codes: torch.Tensor, scales: torch.Tensor, code: torch.Tensor, blocksize: int, shape: Sequence[int], dtype
-) -> torch.Tensor:
-    """bitsandbytes' 4-bit dequantization in plain torch: the high nibble is the first value,
-    each value is its code book entry times its block's fp32 scale, then cast."""
-    rows = codes.shape[0]
-    nibbles = torch.stack((codes >> 4, codes & 0xF), dim=-1).reshape(rows, -1).long()
-    values = code[nibbles].view(rows, -1, blocksize) * scales.view(rows, -1, 1)
-    return values.view(*shape).to(dtype)
-
-
-class Expert4bitStack(ExpertStack):
-    """bitsandbytes 4-bit experts: the chosen ones dequantized each step (always gathered: all
-    64 of Small's experts dequantized at once would be a 0.7 GB temporary)."""
-
-    dense_when_full = False
-
-    def __init__(self, experts: nn.ModuleList, dtype: torch.dtype, share: bool = True) -> None:
-        self.num_experts, self.hidden, self.width, self.act = _describe(experts)
-        if any(lin.bias is not None for ex in experts for lin in (ex.gate_proj, ex.up_proj, ex.down_proj)):
-            raise ValueError("routed experts with biases are not supported")
-        self.dtype = dtype
-        self.gate_up = Packed4bit([(ex.gate_proj, ex.up_proj) for ex in experts], share)
-        self.down = Packed4bit([(ex.down_proj,) for ex in experts], share)
-        self.added_bytes = self.gate_up.added_bytes + self.down.added_bytes
-
-    def weights(self, index):
-        gate_up = self.gate_up.dequantize(index, (2 * self.width, self.hidden), self.dtype)
-        return gate_up, self.down.dequantize(index, (self.hidden, self.width), self.dtype)
-
-
-def stack_experts(experts: nn.ModuleList, dtype: torch.dtype, share: bool = True) -> ExpertStack:
-    linears = [lin for ex in experts for lin in (ex.gate_proj, ex.up_proj, ex.down_proj)]
-    if all(is_4bit(lin) for lin in linears):
-        return Expert4bitStack(experts, dtype, share)
-    if any(is_4bit(lin) or not lin.weight.dtype.is_floating_point for lin in linears):
-        raise ValueError("routed experts must be all full precision or all bitsandbytes 4-bit (8-bit is not supported)")
-    return DenseExpertStack(experts, share)
-
-
-def route(mlp: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The router's choice for ``x``: ``(index [T, k], weights [T, k])``."""
-    out = mlp.gate(x)
-    if isinstance(out, tuple):
-        _, weights, index = out
-        return index, weights
-    return mlp.route_tokens_to_experts(out)  # routers that return only their logits
-
-
-# -- the static cache -------------------------------------------------------------------------------
-class _SlotWriter:
-    """Stands in for the cache inside one step: writes the step's key and value at ``slot`` and
-    hands the attention the bucket's first ``bucket`` slots."""
-
-    def __init__(self, decoder: StaticDecoder, batch: int, bucket: int) -> None:
-        self.decoder, self.batch, self.bucket = decoder, batch, bucket
-
-    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        keys = self.decoder.cache_keys[layer_idx][: self.batch]
-        values = self.decoder.cache_values[layer_idx][: self.batch]
-        keys.index_copy_(2, self.decoder.slot, key_states)
-        values.index_copy_(2, self.decoder.slot, value_states)
-        return keys[:, :, : self.bucket], values[:, :, : self.bucket]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.bucket
-
-
-class StaticLayer(DynamicLayer):
-    """A cache layer whose tensors are views of the decoder's static buffers: what the stock
-    forward (a prefill, a chunk) writes lands where the static step reads."""
-
-    def __init__(self, decoder: StaticDecoder, index: int) -> None:
-        super().__init__()
-        self.decoder, self.index = decoder, index
-        self.length, self.batch = 0, 0
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        if key_states.shape[0] > self.decoder.max_batch:
-            batch, most = key_states.shape[0], self.decoder.max_batch
-            raise ValueError(f"a batch of {batch} is more than the static cache's {most}")
-        self.device, self.batch = key_states.device, key_states.shape[0]
-        self.is_initialized = True
-        self._views()
-
-    def _views(self) -> None:
-        end = self.length
-        self.keys = self.decoder.cache_keys[self.index][: self.batch, :, :end]
-        self.values = self.decoder.cache_values[self.index][: self.batch, :, :end]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        start, end = self.length, self.length + key_states.shape[-2]
-        if end > self.decoder.capacity:
-            raise ValueError(f"{end} tokens do not fit the static cache ({self.decoder.capacity})")
-        self.decoder.cache_keys[self.index][: self.batch, :, start:end] = key_states
-        self.decoder.cache_values[self.index][: self.batch, :, start:end] = value_states
-        if self.index == 0:  # no mask known here: the tokens count (a padding mask, if any, comes later)
-            self.decoder.valid[: self.batch, start:end] = True
-        self.length = end
-        self._views()
-        return self.keys, self.values
-
-    def advance(self, count: int = 1) -> None:
-        self.length += count
-        self._views()
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError("crop takes a negative count")
-        self.length = max(0, self.length + tokens_to_remove)
-        self._views()
-
-    def reset(self) -> None:
-        self.length = 0
-        if self.is_initialized:
-            self._views()
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("the static cache does not expand batches (beam search, several sequences)")
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("the static cache does not select batch rows")
-
-
-class StaticKVCache(DynamicCache):
-    """A ``DynamicCache`` whose layers live in a :class:`StaticDecoder`'s buffers. Valid until the
-    decoder makes its next cache."""
-
-    def __init__(self, decoder: StaticDecoder) -> None:
-        super().__init__(config=decoder.config)
-        self.layers = [StaticLayer(decoder, index) for index in range(decoder.num_layers)]
-        self.decoder, self.epoch = decoder, decoder.epoch
-
-    @property
-    def current(self) -> bool:
-        return self.epoch == self.decoder.epoch
-
-    @property
-    def batch(self) -> int:
-        return self.layers[0].batch
-
-    def advance(self, count: int = 1) -> None:
-        for layer in self.layers:
-            layer.advance(count)
 
 
 # -- the decoder ------------------------------------------------------------------------------------
@@ -510,12 +169,12 @@ class StaticDecoder:
 
     # -- sizes ------------------------------------------------------------------------------------
     def cache_bytes(self) -> int:
-        return _nbytes(*self.cache_keys, *self.cache_values)
+        return nbytes(*self.cache_keys, *self.cache_values)
 
     def memory(self) -> dict[str, int]:
         """Device bytes the decoder holds: the static cache, the step's state, expert stacks
         beyond the model's weights (0 when they are shared)."""
-        state = _nbytes(self.valid, self.input_ids, self.position_ids, self.slot, self.hidden, self.normed,
+        state = nbytes(self.valid, self.input_ids, self.position_ids, self.slot, self.hidden, self.normed,
                         self.routed, self.logits)  # fmt: skip
         stacks = sum(stack.added_bytes for stack in self.experts.values())
         return {"cache_bytes": self.cache_bytes(), "state_bytes": state, "expert_stack_bytes": stacks}
@@ -788,7 +447,7 @@ def _run_eager(ops: list[Callable]) -> None:
 
 
 class _no_cudnn_attention:
-    """cuDNN's SDPA builds a graph per shape (``model/cuda_attention.py``): keep it out of steps
+    """cuDNN's SDPA builds a graph per shape (``model/cuda/attention.py``): keep it out of steps
     and captures, as the stock decoder does."""
 
     def __init__(self, device: torch.device) -> None:

@@ -23,7 +23,6 @@ and its compute summary says so.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -35,7 +34,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .experts import RoutedExperts
+from ..environment import read_choice
+from ..experts import RoutedExperts
 
 logger = logging.getLogger(__name__)
 
@@ -188,9 +188,7 @@ def describe_failure(exc: Exception) -> str:
 def decode_kernels(dtypes: set[torch.dtype]) -> tuple[DecodeKernels | None, str]:
     """The compiled kernels warmed up for ``dtypes`` (or ``None``), and a line saying which are used."""
     global _compiled, _failure
-    choice = os.environ.get(KERNELS_ENV, "auto").lower()
-    if choice not in ("auto", "compiled", "eager"):
-        raise ValueError(f"{KERNELS_ENV}={choice!r}: use auto, compiled or eager")
+    choice = read_choice(KERNELS_ENV, ("auto", "compiled", "eager"))
     if choice == "eager":
         return None, f"PyTorch's kernels ({KERNELS_ENV}=eager)"
     if _failure is None and not dtypes <= _warmed:
@@ -214,7 +212,7 @@ class CpuLinear(nn.Linear):
     * one row (a decode step) under ``inference_mode`` (as ``generate`` runs): the compiled one-row
       product, if any;
     * at least ``fp32_from_rows`` rows of a bf16/fp16 weight: the product in fp32 (chips where bf16
-      GEMM is slow, ``model/cpu_compute.py``);
+      GEMM is slow, ``model/cpu/compute.py``);
     * otherwise ``F.linear``.
     """
 

@@ -1,6 +1,6 @@
 """Tiny's decode step as one native call (bf16 weights, CPUs with AVX512-BF16).
 
-The compiled whole-step decoder (``model/cpu_decode.py``) keeps a step at 13 Inductor calls, and it
+The compiled whole-step decoder (``model/cpu/decode.py``) keeps a step at 13 Inductor calls, and it
 does not keep up when memory is fast: Inductor widens every bf16 weight to fp32 before multiplying
 (its one-row products read at most about 37 GB/s on the 2-core EPYC even with the weights in
 cache), and about a fifth of a step is Python and dynamo between the calls. No library does this
@@ -40,8 +40,9 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .cpu_decode import TinyDecodeStep, step_inputs, supports, warm_up
-from .cpu_kernels import CpuLinear, describe_failure
+from ..environment import read, read_choice
+from .decode import TinyDecodeStep, step_inputs, supports, warm_up
+from .kernels import CpuLinear, describe_failure
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ FLAGS = ("-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-
          "-fPIC")  # fmt: skip
 CACHE_ENV = "VL2_NATIVE_CACHE"
 # VL2_DECODE_STEP=auto (native where it applies, else compiled), native (fail if it cannot run) or
-# compiled (the Inductor step of model/cpu_decode.py).
+# compiled (the Inductor step of model/cpu/decode.py).
 STEP_ENV = "VL2_DECODE_STEP"
 MAX_TOP_K = 64  # tiny_decode.c's bound
 
@@ -96,8 +97,8 @@ class _CacheLayer(ctypes.Structure):
 
 
 def _cache_dir() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
+    if read(CACHE_ENV):
+        return Path(read(CACHE_ENV))
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vl2-grounding-studio" / "native"
 
 
@@ -284,9 +285,7 @@ def use_native_decode_step(language: nn.Module) -> str | None:
     against the stock decoder like the compiled step. Returns a line for the compute summary: "whole
     steps native", or why building or checking it failed; ``None`` where it was not tried (then
     the compiled step is tried)."""
-    choice = os.environ.get(STEP_ENV, "auto").lower()
-    if choice not in ("auto", "native", "compiled"):
-        raise ValueError(f"{STEP_ENV}={choice!r}: use auto, native or compiled")
+    choice = read_choice(STEP_ENV, ("auto", "native", "compiled"))
     reason = None if choice != "compiled" else f"{STEP_ENV}=compiled"
     reason = reason or native_supports(language)
     if reason is not None:

@@ -2,7 +2,7 @@
 // AVX512-BF16, in one call: every layer's norms, attention over the cache, router, chosen routed
 // experts and shared experts (or dense MLP), then the final norm and lm_head.
 //
-// Why it exists (measured, model/native_decode.py): TorchInductor widens each bf16 weight to fp32
+// Why it exists (measured, model/cpu/native.py): TorchInductor widens each bf16 weight to fp32
 // before multiplying and its one-row products top out near 37 GB/s even from cache, and a step of
 // 13 compiled calls spends a fifth of its time in Python between them. Here every product is
 // `vdpbf16ps` (bf16 pairs multiplied and accumulated in fp32, no widening) and the step is one
@@ -12,7 +12,7 @@
 // rotary product and sum, SiLU, SwiGLU product and residual add is rounded to bf16 where the stock
 // decoder rounds it; the router, softmaxes and the routed experts' mix run in fp32 as there.
 //
-// Built by model/native_decode.py with gcc (-O3 -ffp-contract=off -mavx512f -mavx512bw -mavx512vl
+// Built by model/cpu/native.py with gcc (-O3 -ffp-contract=off -mavx512f -mavx512bw -mavx512vl
 // -mavx512bf16 -fopenmp; no contraction, so that a product and a sum round separately as in torch);
 // the OpenMP runtime is then the one torch has already loaded.
 
@@ -347,7 +347,7 @@ void vl2_decode_step(const vl2_model *m, uint16_t *hidden, const uint16_t *cos, 
         // experts not taken are chosen, never an index out of range.
         for (int64_t s = 0; s < K; ++s) {
           int64_t best = 0;
-          while (probabilities[best] < 0.0f) ++best;  // K <= E (native_decode.py checks)
+          while (probabilities[best] < 0.0f) ++best;  // K <= E (native.py checks)
           for (int64_t j = best + 1; j < E; ++j)
             if (probabilities[j] > probabilities[best]) best = j;
           chosen[s] = (int)best;

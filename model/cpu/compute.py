@@ -13,13 +13,12 @@ load we time one prefill-shaped GEMM in both dtypes and, where bf16 loses:
 * the vision tower, which only ever sees many rows, is stored in fp32 (0.8 GB more for SigLIP).
 
 Activations and the KV cache stay in the weights' dtype, so both phases share one cache. Decode
-steps get compiled one-row kernels on any CPU (``model/cpu_kernels.py``) and, for Tiny, a
-compiled whole-step decoder (``model/cpu_decode.py``).
+steps get compiled one-row kernels on any CPU (``model/cpu/kernels.py``) and, for Tiny, a
+compiled whole-step decoder (``model/cpu/decode.py``).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
@@ -27,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu_decode import use_decode_step
-from .cpu_kernels import CpuLinear, as_cpu_linear, decode_kernels, use_cpu_attention, use_decode_kernels
-from .cpu_vision import fuse_vision_mlp
-from .native_decode import use_native_decode_step
+from ..environment import read_choice
+from .decode import use_decode_step
+from .kernels import CpuLinear, as_cpu_linear, decode_kernels, use_cpu_attention, use_decode_kernels
+from .native import use_native_decode_step
+from .vision import fuse_vision_mlp
 
 # Below this many rows a product is memory bound and bf16 (fewer bytes) wins on any CPU.
 MIN_ROWS_FOR_FP32 = 16
@@ -96,9 +96,9 @@ def use_fp32_for_many_rows(language_model: nn.Module) -> int:
 class CpuComputePlan:
     speeds: GemmSpeeds | None  # None for fp32 models: nothing to choose
     fp32_for_many_rows: bool
-    decode: str  # which kernels decode steps use (model/cpu_kernels.py)
+    decode: str  # which kernels decode steps use (model/cpu/kernels.py)
     vision_tiles_per_batch: int | None = None  # None: no vision tower on the CPU
-    vision_mlp: str = ""  # how the vision MLP runs (model/cpu_vision.py)
+    vision_mlp: str = ""  # how the vision MLP runs (model/cpu/vision.py)
 
     def describe(self) -> str:
         if self.speeds is None:
@@ -137,9 +137,7 @@ def apply_cpu_compute(model: nn.Module, speeds: GemmSpeeds | None = None) -> Cpu
     first = next(language.parameters(), None)
     if first is None or first.device.type != "cpu":
         return None
-    choice = os.environ.get(CHOICE_ENV, "auto").lower()
-    if choice not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"{CHOICE_ENV}={choice!r}: use auto, bf16 or fp32")
+    choice = read_choice(CHOICE_ENV, ("auto", "bf16", "fp32"))
     fp32 = False
     if _is_low_precision(model):
         speeds = speeds or measure_gemm_speeds()

@@ -1,10 +1,10 @@
 """A whole decode step of Tiny's language model in one compiled call per layer (CPU).
 
-Where the weights are bf16 and the chip has AVX512-BF16, ``model/native_decode.py`` runs the step
+Where the weights are bf16 and the chip has AVX512-BF16, ``model/cpu/native.py`` runs the step
 instead (one native call, 0.65-0.78x this step's time, paired in the bench); this one covers fp32
 weights, NF4 layers and chips without AVX512-BF16.
 
-With only the one-row kernels of ``model/cpu_kernels.py``, a step of full-size Tiny in bf16 took
+With only the one-row kernels of ``model/cpu/kernels.py``, a step of full-size Tiny in bf16 took
 80-90 ms, of which 17-24 ms was outside the kernels: transformers' decoder runs about 1,500 small
 eager operations a step (norms, rotary embedding, router, residual adds, reshapes, the mask;
 counted with ``torch.profiler``) around 84 compiled calls, each paying dynamo's guard checks.
@@ -53,7 +53,9 @@ from torch import nn
 from torch.fx.experimental import _config as fx_config
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .cpu_kernels import (
+from ..experts import RoutedExperts
+from ..kv_cache import GrowingLayer, growing_cache
+from .kernels import (
     CpuLinear,
     _one_query_attention,
     _one_row_product,
@@ -67,8 +69,6 @@ from .cpu_kernels import (
     product_weight,
     swiglu_weights,
 )
-from .experts import RoutedExperts
-from .kv_cache import GrowingLayer, growing_cache
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from torch import nn
 from transformers.activations import GELUTanh
 from transformers.models.siglip.modeling_siglip import SiglipMLP
 
-from .cpu_kernels import describe_failure
+from .kernels import describe_failure
 
 
 def _linear_gelu(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
