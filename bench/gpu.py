@@ -22,6 +22,8 @@ deadline, so a failure or a slow step costs only itself. Everything lands in ``D
    and Small NF4 on an emulated 8 GiB card (each configuration in a process of its own): tokens/s
    through the app's generation path and in a bare loop, time to first token, capture time, the
    decoder's and the graphs' extra memory, and whether the answers are the same.
+6. ``label`` (issue 23): labelling throughput on the card, batched against one query at a time
+   (``bench.label``: full-size Tiny NF4, 16 images × 2 phrases, 16 queries a batch).
 
 Random weights: speeds and bytes are meaningful, answers are not.
 """
@@ -507,6 +509,8 @@ STEPS = {
     "small-nf4-8gib": (["answer", "small", "nf4", "--gib", "8"], 360),
     # Issue 24: eager decode against CUDA-graph decode, paired, three configurations.
     "graph_decode": (["graph", *GRAPH_CONFIGS, "--deadline", "530"], 540),
+    # Issue 23: labelling throughput, batched against one query at a time (bench.label).
+    "label": (["label", "--full-size", "--device", "cuda", "--precision", "nf4", "--batch-size", "16"], 300),
 }
 
 
@@ -561,11 +565,19 @@ def main(argv: list[str] | None = None) -> int:
     graph.add_argument("--deadline", type=float, default=530, help="seconds for all configurations together")
     graph.add_argument("--device", default="cuda", help="cpu: a dry run (the static step uncaptured)")
     graph.add_argument("--reduced", action="store_true", help="the small generated checkpoints, not full size")
+    from bench.label import build_parser as label_parser
+
+    sub.add_parser("label", parents=[label_parser()], add_help=False, help="labelling throughput (bench.label)")
     harness = sub.add_parser("harness")
     harness.add_argument("json_out")
     args = parser.parse_args(argv)
     if args.step is None:
         return drive(Path(args.out), args.deadline, args.steps)
+    if args.step == "label":
+        from bench.label import measure
+
+        print(json.dumps(measure(args)))
+        return 0
     if args.step == "harness":
         from bench.__main__ import main as bench_main
 

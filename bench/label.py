@@ -68,7 +68,7 @@ def timed_job(backend: LocalBackend, images: Path, out: Path, batch_size: int, s
     return summary.done / seconds, seconds, replies
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full-size", action="store_true", help="Tiny at its real dimensions (6.7 GB, built once)")
     parser.add_argument("--device", default="cpu")
@@ -78,7 +78,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="queries per batch on the batched side")
     parser.add_argument("--tokens", type=int, default=24, help="reply length in tokens")
     parser.add_argument("--without-reuse", action="store_true", help="also time one at a time with no reuse")
-    args = parser.parse_args()
+    return parser
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Every side's images/s and seconds, the speed-ups, and how many replies matched one at a time."""
     width, height = (int(v) for v in args.size.lower().split("x"))
     dtype, quantization = PRECISIONS[args.precision]
     loaded = load_model(
@@ -87,37 +91,49 @@ def main() -> None:
     settings = GenerationSettings(
         max_new_tokens=args.tokens, min_new_tokens=args.tokens, temperature=0.0, repetition_penalty=1.0
     )
+    sides: dict[str, tuple[float, float, list[str]]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         images = photos(root / "images", args.images, (width, height))
         warm = photos(root / "warm", 1, (width, height))
         timed_job(LocalBackend(loaded), warm, root / "warm-out", 2, settings)  # first-call costs
-        batched = timed_job(LocalBackend(loaded), images, root / "batched", args.batch_size, settings)
-        single = timed_job(OneAtATime(loaded), images, root / "single", args.batch_size, settings)
-        plain = None
+        sides["batched"] = timed_job(LocalBackend(loaded), images, root / "batched", args.batch_size, settings)
+        sides["one at a time"] = timed_job(OneAtATime(loaded), images, root / "single", args.batch_size, settings)
         if args.without_reuse:
             kept = loaded.model.vision_cache, loaded.model.prefix_cache
             loaded.model.vision_cache = loaded.model.prefix_cache = None
             try:
-                plain = timed_job(OneAtATime(loaded), images, root / "plain", args.batch_size, settings)
+                sides["one at a time, no reuse"] = timed_job(
+                    OneAtATime(loaded), images, root / "plain", args.batch_size, settings
+                )
             finally:
                 loaded.model.vision_cache, loaded.model.prefix_cache = kept
-    device = (
-        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
-    )
-    print(
-        f"Tiny{' full-size' if args.full_size else ' (test size)'} {args.precision} on {device}: "
-        f"{args.images} images {width}x{height} x {len(PHRASES)} phrases, {args.tokens} tokens a reply"
-    )
-    if plain is not None:
-        print(f"{'one at a time, no reuse':<28}{plain[0]:8.3f} images/s  ({plain[1]:.1f} s)")
-    print(f"{'one at a time':<28}{single[0]:8.3f} images/s  ({single[1]:.1f} s)")
-    print(f"{'batched, ' + str(args.batch_size) + ' queries':<28}{batched[0]:8.3f} images/s  ({batched[1]:.1f} s)")
-    same = sum(a == b for a, b in zip(batched[2], single[2], strict=True))
-    print(
-        f"speed-up: {batched[0] / single[0]:.2f}x" + (f" ({batched[0] / plain[0]:.2f}x over no reuse)" if plain else "")
-    )
-    print(f"replies identical to one at a time: {same} of {len(single[2])}")
+    on_cuda = args.device.startswith("cuda")
+    batched, single = sides["batched"], sides["one at a time"]
+    result = {
+        "device": torch.cuda.get_device_name() if on_cuda else f"CPU ({torch.get_num_threads()} threads)",
+        "config": f"Tiny{' full-size' if args.full_size else ' (test size)'} {args.precision}",
+        "workload": f"{args.images} images {width}x{height} x {len(PHRASES)} phrases, {args.tokens} tokens a reply",
+        "batch_size": args.batch_size,
+        "images_per_s": {name: round(side[0], 4) for name, side in sides.items()},
+        "seconds": {name: round(side[1], 1) for name, side in sides.items()},
+        "speedup": round(batched[0] / single[0], 2),
+        "identical": f"{sum(a == b for a, b in zip(batched[2], single[2], strict=True))} of {len(single[2])}",
+    }
+    if "one at a time, no reuse" in sides:
+        result["speedup_over_no_reuse"] = round(batched[0] / sides["one at a time, no reuse"][0], 2)
+    return result
+
+
+def main() -> None:
+    result = measure(build_parser().parse_args())
+    print(f"{result['config']} on {result['device']}: {result['workload']}")
+    for name, rate in result["images_per_s"].items():
+        label = f"batched, {result['batch_size']} queries" if name == "batched" else name
+        print(f"{label:<28}{rate:8.3f} images/s  ({result['seconds'][name]:.1f} s)")
+    over = result.get("speedup_over_no_reuse")
+    print(f"speed-up: {result['speedup']:.2f}x" + (f" ({over:.2f}x over no reuse)" if over else ""))
+    print(f"replies identical to one at a time: {result['identical']}")
 
 
 if __name__ == "__main__":
