@@ -33,7 +33,7 @@ from .controller import Controller, refuse_reserved_tokens
 from .errors import UserError
 from .exports import annotated_png, box_records, coco_from_document, session_document
 from .label.formats import coco as coco_dataset
-from .label.job import label_all
+from .label.job import label_all, plain_phrase
 from .label.sources import Item, image_loader, unique_names
 from .limits import Limits
 from .modes import Mode
@@ -534,6 +534,10 @@ def register_api(controller: Controller) -> None:
         chosen = [params.text(f"phrases[{i}]", p, limits.max_label_chars).strip() for i, p in enumerate(wanted)]
         if not all(chosen):
             raise UserError('A phrase is blank: say what to find, e.g. "person".')
+        try:
+            chosen = [plain_phrase(p) for p in chosen]
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
         settings = GROUNDING_SETTINGS.with_max(new_tokens(max_new_tokens))
         paths = [uploads.api_file(f) for f in files]
         controller.check_budget(Session(), paths)

@@ -165,6 +165,8 @@ def test_label_endpoint_returns_a_coco_dataset_and_records(tmp_path):
         result = client.predict(files, ["grey square", "shadow"], 64, api_name="/label")
         with pytest.raises(Exception, match="phrase is blank"):
             client.predict([handle_file(str(photos[0]))], ["  "], 64, api_name="/label")
+        with pytest.raises(Exception, match="plain words"):
+            client.predict([handle_file(str(photos[0]))], ["<|det|>"], 64, api_name="/label")
     coco_path = tmp_path / "coco.json"
     coco_path.write_text(json.dumps(result["coco"]))
     coco = COCO(str(coco_path))

@@ -146,3 +146,8 @@ def test_a_video_run_zips_the_frames_the_annotated_video_and_its_frame_json(tmp_
     with zipfile.ZipFile(download) as dataset:
         names = {name.split("/", 1)[1] for name in dataset.namelist()}
     assert {"annotated.mp4", "frames.json", "labelstudio.json", "images/frame-000005.png"} <= names
+
+
+def test_phrases_are_plain_words_not_the_models_tags():
+    with pytest.raises(UserError, match="plain words"):
+        parse_phrases("cat, <|ref|>dog<|/ref|>", max_phrases=5, max_chars=50)

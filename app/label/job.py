@@ -65,7 +65,7 @@ class LabelJob:
     colors: ColorBook = field(default_factory=ColorBook)
 
     def __post_init__(self) -> None:
-        self.phrases = tuple(dict.fromkeys(p.strip() for p in self.phrases if p.strip()))
+        self.phrases = tuple(dict.fromkeys(plain_phrase(p) for p in self.phrases if p.strip()))
         if not self.phrases:
             raise ValueError("give at least one phrase to find, e.g. --find person")
         unknown = sorted(set(self.formats) - set(FORMATS))
@@ -73,6 +73,14 @@ class LabelJob:
             raise ValueError(f"unknown format {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
         for phrase in self.phrases:
             self.colors.color(phrase)  # the phrases' order fixes their colours
+
+
+def plain_phrase(phrase: str) -> str:
+    """A phrase to find, stripped; the model's own tags are refused (the app writes the Find prompt)."""
+    phrase = phrase.strip()
+    if "<|" in phrase or "<｜" in phrase:
+        raise ValueError(f"“{phrase[:40]}” holds the model's tags; write the phrase in plain words, e.g. “red car”")
+    return phrase
 
 
 def queries(image: Image.Image, phrases: Sequence[str]) -> list[list[Message]]:

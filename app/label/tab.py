@@ -24,7 +24,7 @@ from ..controller import Controller
 from ..errors import UserError
 from ..session import Session
 from ..zerogpu import gpu, on_zerogpu
-from .job import ANNOTATED_DIR, LABEL_SETTINGS, LabelJob, Progress, run_job
+from .job import ANNOTATED_DIR, LABEL_SETTINGS, LabelJob, Progress, plain_phrase, run_job
 from .journal import JOB_NAME
 from .records import JobSummary
 from .sources import VIDEO_SUFFIXES, Source, uploads_source, video_source
@@ -46,7 +46,10 @@ def parse_phrases(text: str, *, max_phrases: int, max_chars: int) -> tuple[str, 
     long = next((p for p in phrases if len(p) > max_chars), None)
     if long is not None:
         raise UserError(f"“{long[:40]}…” is {len(long)} characters; the limit is {max_chars}.")
-    return phrases
+    try:
+        return tuple(plain_phrase(p) for p in phrases)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
 
 
 def progress_text(progress: Progress) -> str:
