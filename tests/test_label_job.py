@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -277,3 +278,16 @@ def test_images_added_to_the_folder_are_labelled_on_the_next_run(tmp_path):
     summary = label(folder, out, backend)
     assert summary.resumed == 4 and summary.total == 5
     assert [c[0].images[0].size for c in backend.conversations] == [(50, 40)] * len(PHRASES)
+
+
+def test_a_zip_whose_last_batch_is_partial_loads_every_member(tmp_path):
+    import zipfile
+
+    archive = tmp_path / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for index in range(3):  # 2 images a batch: the last batch holds one
+            buffer = io.BytesIO()
+            Image.new("RGB", (40 + index, 30)).save(buffer, format="PNG")
+            zipped.writestr(f"p{index}.png", buffer.getvalue())
+    summary = label(archive, tmp_path / "out", scripted(), batch_size=4)
+    assert (summary.done, summary.skipped) == (3, 0)

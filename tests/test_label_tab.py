@@ -151,3 +151,17 @@ def test_a_video_run_zips_the_frames_the_annotated_video_and_its_frame_json(tmp_
 def test_phrases_are_plain_words_not_the_models_tags():
     with pytest.raises(UserError, match="plain words"):
         parse_phrases("cat, <|ref|>dog<|/ref|>", max_phrases=5, max_chars=50)
+
+
+def test_a_file_and_a_zip_member_that_flatten_alike_stay_two_images(tmp_path):
+    images = photos(tmp_path / "in", 2)
+    alike = tmp_path / "more__photo0.png"
+    Image.new("RGB", (30, 30), "blue").save(alike)
+    archive = tmp_path / "more.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.write(images[0], "photo0.png")
+    tab = tab_for(ScriptedBackend(demo_script), tmp_path)
+    _, _, download = list(tab.run([str(alike), str(archive)], "person", "coco", 1.0, Session()))[-1]
+    with zipfile.ZipFile(download) as dataset:
+        copies = sorted(name.split("/images/")[1] for name in dataset.namelist() if "/images/" in name)
+    assert copies == ["more__photo0-2.png", "more__photo0.png"]

@@ -19,7 +19,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..launch import add_model_arguments, make_backend
-from .job import FORMATS, LABEL_SETTINGS, LabelJob, Progress, run_job
+from .formats import FORMATS
+from .job import LABEL_SETTINGS, LabelJob, Progress, run_job
 from .journal import JobMismatch
 from .sources import open_source
 

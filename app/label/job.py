@@ -29,13 +29,13 @@ from ..exports import write_json
 from ..modes import Mode, build_prompt
 from ..render import ColorBook, draw_boxes
 from . import formats, video
+from .formats import FORMATS
 from .journal import Journal
 from .records import ImageRecord, JobSummary, LabelBox, PhraseResult
 from .sources import Item, Source
 
 # The app's Find, greedy: a dataset should not change from one run to the next.
 LABEL_SETTINGS = GenerationSettings(max_new_tokens=512, temperature=0.0, repetition_penalty=1.0)
-FORMATS = ("coco", "yolo", "labelstudio", "jsonl")
 IMAGES_DIR, ANNOTATED_DIR = "images", "annotated"
 VIDEO_NAME, FRAMES_NAME = "annotated.mp4", "frames.json"
 # Formats a dataset copy is kept in as it was sent; anything else (or a rotated photo) is saved as PNG.
@@ -120,11 +120,20 @@ def _dataset_copy(item: Item, image: Image.Image, folder: Path) -> str:
     return name
 
 
+def annotated_path(out_dir: Path, record: ImageRecord) -> Path:
+    """Where a record's annotated copy is written (and the page's preview reads it)."""
+    return out_dir / ANNOTATED_DIR / (Path(record.name).stem + ".jpg")
+
+
+def _draw(job: LabelJob, image: Image.Image, boxes: Sequence[LabelBox]) -> Image.Image:
+    """The server's renderer, on ``image`` itself (the job never needs it unmarked again)."""
+    return draw_boxes(image, [(box.xyxy, box.label) for box in boxes], job.colors, in_place=True)
+
+
 def _annotated_copy(job: LabelJob, record: ImageRecord, image: Image.Image) -> None:
-    folder = job.out_dir / ANNOTATED_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    drawn = draw_boxes(image, [(box.xyxy, box.label) for box in record.boxes], job.colors, in_place=True)
-    drawn.save(folder / (Path(record.name).stem + ".jpg"), format="JPEG", quality=90)
+    path = annotated_path(job.out_dir, record)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _draw(job, image, record.boxes).save(path, format="JPEG", quality=90)
 
 
 def label_batch(
@@ -173,8 +182,7 @@ def label_all(
 ) -> list[ImageRecord] | None:
     """Records for a few items held in memory (the API's /label), batched like a job; None if stopped."""
     cancel = cancel or threading.Event()
-    size = batch_size or (_backend_batch_size(backend, phrases, settings) if items else 1)
-    per_batch = max(1, math.ceil(size / len(phrases)))
+    per_batch = images_per_batch(backend, phrases, settings, batch_size)
     records: list[ImageRecord] = []
     for start in range(0, len(items), per_batch):
         labelled = label_batch(backend, items[start : start + per_batch], phrases, settings, cancel)
@@ -224,7 +232,7 @@ def run_job(
     if progress is not None:
         progress(Progress(len(earlier), summary.total, summary.skipped, 0.0, None))
     try:
-        for batch in _batches(items, images_per_batch(job)):
+        for batch in _batches(items, images_per_batch(job.backend, job.phrases, job.settings, job.batch_size)):
             labelled = label_batch(job.backend, batch, job.phrases, job.settings, cancel)
             if labelled is None:
                 summary.stopped = True
@@ -257,22 +265,21 @@ def run_job(
         summary.stopped = True
     finally:
         summary.seconds = time.perf_counter() - started
-        summary.exports = write_outputs(job, journal.records(), complete=not summary.stopped)
-    records = journal.records()
+        records = journal.records()
+        summary.exports = write_outputs(job, records, complete=not summary.stopped)
     summary.boxes = sum(len(r.boxes) for r in records)
     summary.skipped_inputs = [(r.key, r.reason) for r in records if r.status == "skipped"]
     return summary
 
 
-def images_per_batch(job: LabelJob) -> int:
-    """Images per batch: the backend's (or the user's) query count spread over the phrases."""
-    size = job.batch_size or _backend_batch_size(job.backend, job.phrases, job.settings)
-    return max(1, math.ceil(size / len(job.phrases)))
-
-
-def _backend_batch_size(backend: Backend, phrases: Sequence[str], settings: GenerationSettings) -> int:
-    probe = Image.new("RGB", (1024, 768))  # a typical photo's tiling stands in for the real ones
-    return backend.batch_size(queries(probe, phrases[:1])[0], settings)
+def images_per_batch(
+    backend: Backend, phrases: Sequence[str], settings: GenerationSettings, queries_per_batch: int | None = None
+) -> int:
+    """Images per batch: the user's (or else the backend's) query count spread over the phrases."""
+    if queries_per_batch is None:
+        probe = Image.new("RGB", (1024, 768))  # a typical photo's tiling stands in for the real ones
+        queries_per_batch = backend.batch_size(queries(probe, phrases[:1])[0], settings)
+    return max(1, math.ceil(queries_per_batch / len(phrases)))
 
 
 def write_outputs(job: LabelJob, records: list[ImageRecord], *, complete: bool) -> dict[str, str]:
@@ -284,8 +291,9 @@ def write_outputs(job: LabelJob, records: list[ImageRecord], *, complete: bool) 
     source = job.source
     if source.video_path is not None and source.video_info is not None and complete:
         samples = video.samples_from_records(records)
-        draw = lambda image, boxes: draw_boxes(image, [(b.xyxy, b.label) for b in boxes], job.colors, in_place=True)  # noqa: E731
-        video.write_annotated_video(source.video_path, job.out_dir / VIDEO_NAME, samples, draw=draw)
+        video.write_annotated_video(
+            source.video_path, job.out_dir / VIDEO_NAME, samples, draw=lambda image, boxes: _draw(job, image, boxes)
+        )
         frames_path = job.out_dir / FRAMES_NAME
         write_json(video.frame_json(samples, source.video_info), frames_path)
         outputs.update(video=str(job.out_dir / VIDEO_NAME), frames=str(frames_path))

@@ -12,7 +12,7 @@ import glob
 import os
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from PIL import Image
@@ -41,15 +41,18 @@ class Item:
 
 @dataclass
 class Source:
-    """``total`` items, in a stable order; ``items(skip)`` yields those whose key is not in ``skip``."""
+    """Items named by ``keys``, in that order; ``items(skip)`` yields those whose key is not in ``skip``."""
 
     description: str
-    total: int
+    keys: tuple[str, ...]
     items: Callable[[frozenset[str]], Iterator[Item]]
     identity: str = ""  # what a resumed job must name again (the files may have grown since)
     video_path: Path | None = None
     video_info: video.VideoInfo | None = None
-    frames: tuple[int, ...] = ()
+
+    @property
+    def total(self) -> int:
+        return len(self.keys)
 
 
 def unique_names(keys: Sequence[str]) -> list[str]:
@@ -88,7 +91,7 @@ def _file_source(
             if key not in skip:
                 yield Item(key, names[key], image_loader(file, limits), path=file)
 
-    return Source(description, len(files), items)
+    return Source(description, tuple(keys), items)
 
 
 def folder_source(spec: str, limits: ShapeLimits | None = None) -> Source:
@@ -96,7 +99,7 @@ def folder_source(spec: str, limits: ShapeLimits | None = None) -> Source:
     limits = limits or ShapeLimits()
     path = Path(spec).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and _is_image_name(p.name))
         root = path
     elif path.is_file() and path.suffix.lower() == ".zip":
         return zip_source(path, limits)
@@ -118,11 +121,7 @@ def zip_source(path: Path, limits: ShapeLimits | None = None, prefix: str = "") 
     try:
         with zipfile.ZipFile(path) as archive:
             members = sorted(
-                (
-                    m
-                    for m in archive.infolist()
-                    if not m.is_dir() and PurePosixPath(m.filename).suffix.lower() in IMAGE_SUFFIXES
-                ),
+                (m for m in archive.infolist() if not m.is_dir() and _is_image_name(m.filename)),
                 key=lambda m: m.filename,
             )
     except zipfile.BadZipFile as exc:
@@ -135,19 +134,28 @@ def zip_source(path: Path, limits: ShapeLimits | None = None, prefix: str = "") 
     def items(skip: frozenset[str]) -> Iterator[Item]:
         with zipfile.ZipFile(path) as archive:
             for key, member in zip(keys, members, strict=True):
-                if key in skip:
-                    continue
+                if key not in skip:
+                    yield Item(key, names[key], _member_loader(archive, member, limits))
 
-                def load(member: zipfile.ZipInfo = member) -> Image.Image:
-                    if member.file_size > MAX_MEMBER_BYTES:
-                        raise ValueError(
-                            f"{member.file_size / 2**20:.0f} MB unpacked; the limit is {MAX_MEMBER_BYTES // 2**20} MB"
-                        )
-                    return ingest_image(archive.read(member), limits=limits).image
+    return Source(f"{len(members)} images from {path.name}", tuple(keys), items, identity=f"zip {path}")
 
-                yield Item(key, names[key], load)
 
-    return Source(f"{len(members)} images from {path.name}", len(members), items, identity=f"zip {path}")
+def _member_loader(archive: zipfile.ZipFile, member: zipfile.ZipInfo, limits: ShapeLimits) -> Callable[[], Image.Image]:
+    """The member's bytes are read now: a job gathers a batch of items before it loads them, and the
+    archive is closed once the listing has gone past its last member."""
+    try:
+        if member.file_size > MAX_MEMBER_BYTES:
+            size, limit = member.file_size / 2**20, MAX_MEMBER_BYTES // 2**20
+            raise ValueError(f"{size:.0f} MB unpacked; the limit is {limit} MB")
+        data = archive.read(member)
+    except (ValueError, OSError, RuntimeError, zipfile.BadZipFile) as exc:  # recorded as skipped when loaded
+        problem = exc
+
+        def fail() -> Image.Image:
+            raise problem
+
+        return fail
+    return image_loader(data, limits)
 
 
 def _is_image_name(name: str) -> bool:
@@ -171,7 +179,8 @@ def video_source(path: Path, every_s: float) -> Source:
 
     description = f"{len(indices)} frames of {path.name} (one every {every_s:g} s of {info.seconds:.1f} s)"
     identity = f"video {path} every {every_s:g} s"
-    return Source(description, len(indices), items, identity, video_path=path, video_info=info, frames=indices)
+    keys = tuple(frame_key(i) for i in indices)
+    return Source(description, keys, items, identity, video_path=path, video_info=info)
 
 
 def uploads_source(paths: Sequence[str], limits: ShapeLimits | None = None) -> Source:
@@ -185,12 +194,16 @@ def uploads_source(paths: Sequence[str], limits: ShapeLimits | None = None) -> S
         else:
             parts.append(_file_source(name, Path(path).parent, [Path(path)], limits, keys=[name]))
 
+    # Names unique across all the files and zips sent (a file and a zip member may flatten alike).
+    keys = tuple(key for part in parts for key in part.keys)
+    names = dataset_names(keys)
+
     def items(skip: frozenset[str]) -> Iterator[Item]:
         for part in parts:
-            yield from part.items(skip)
+            for item in part.items(skip):
+                yield replace(item, name=names[item.key])
 
-    total = sum(part.total for part in parts)
-    return Source(f"{total} images sent to the page", total, items)
+    return Source(f"{len(keys)} images sent to the page", keys, items)
 
 
 def open_source(

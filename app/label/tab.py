@@ -24,7 +24,7 @@ from ..controller import Controller
 from ..errors import UserError
 from ..session import Session
 from ..zerogpu import gpu, on_zerogpu
-from .job import ANNOTATED_DIR, LABEL_SETTINGS, LabelJob, Progress, plain_phrase, run_job
+from .job import LABEL_SETTINGS, LabelJob, Progress, annotated_path, plain_phrase, run_job
 from .journal import JOB_NAME
 from .records import JobSummary
 from .sources import VIDEO_SUFFIXES, Source, uploads_source, video_source
@@ -196,7 +196,7 @@ def _previews(out_dir: Path, progress: Progress) -> list[tuple[str, str]]:
     """The annotated copies of the batch that just finished, captioned with their box counts."""
     shown = []
     for record in progress.batch:
-        path = out_dir / ANNOTATED_DIR / (Path(record.name).stem + ".jpg")
+        path = annotated_path(out_dir, record)
         if record.status == "done" and path.exists():
             count = len(record.boxes)
             shown.append((str(path), f"{record.name}: {count} box{'' if count == 1 else 'es'}"))
