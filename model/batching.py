@@ -25,6 +25,7 @@ from transformers import StoppingCriteriaList
 
 from . import compute_thread
 from .generation import CancelOnEvent, GenerationSettings
+from .kv_cache import kv_cache_bytes
 from .processing import EOS_TEXT, DeepseekVL2Processor, Message
 
 # Bounds for ``auto``: past 16 rows a CPU gains nothing more per step, and a GPU's decode step is
@@ -143,18 +144,6 @@ def _reply_text(processor: DeepseekVL2Processor, ids: list[int], eos: int) -> st
     return processor.decode(ids).replace(EOS_TEXT, "")
 
 
-def kv_bytes_per_token(text_config, dtype: torch.dtype) -> int:
-    """Key/value cache bytes one token takes in every layer (the uncompressed layout: an upper bound)."""
-    layers = text_config.num_hidden_layers
-    heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
-    if getattr(text_config, "kv_lora_rank", None):  # MLA: per head, a nope+rope key and a value
-        per_head = text_config.qk_nope_head_dim + text_config.qk_rope_head_dim + text_config.v_head_dim
-    else:
-        per_head = 2 * (text_config.hidden_size // text_config.num_attention_heads)
-    element = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 2
-    return layers * heads * per_head * element
-
-
 def free_memory_bytes(device: torch.device | str) -> int:
     """What a batch may still allocate on ``device``: the card's free memory, or the host's available RAM."""
     device = torch.device(device)
@@ -179,7 +168,7 @@ def auto_batch_size(
     embeddings = model.get_input_embeddings().weight
     dtype = embeddings.dtype
     element = torch.finfo(dtype).bits // 8
-    cache = kv_bytes_per_token(text_config, dtype) * (prompt_tokens + new_tokens)
+    cache = kv_cache_bytes(text_config, prompt_tokens + new_tokens, element)
     # Prefill holds a few hidden-size activations per prompt token and the widest MLP's intermediate.
     widest = max(text_config.intermediate_size, text_config.hidden_size * 4)
     activations = prompt_tokens * (6 * text_config.hidden_size + widest) * element

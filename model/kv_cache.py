@@ -99,6 +99,18 @@ class GrowingLayer(DynamicLayer):
         super().reset()
 
 
+def kv_cache_bytes(text_config, tokens: int, bytes_per_value: int = 2) -> int:
+    """KV cache for ``tokens`` tokens: MLA caches its 512 + 64 latent, multi-head attention K and V."""
+    layers = text_config.num_hidden_layers
+    if getattr(text_config, "kv_lora_rank", None) and getattr(text_config, "qk_rope_head_dim", None):
+        per_layer = text_config.kv_lora_rank + text_config.qk_rope_head_dim
+    else:
+        heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        per_layer = 2 * heads * head_dim
+    return layers * per_layer * bytes_per_value * tokens
+
+
 def growing_cache(config, values_dim_major: bool = False) -> DynamicCache:
     """A ``DynamicCache`` for ``config`` whose full-attention layers grow in place."""
     cache = DynamicCache(config=config)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .cpu.compute import CpuComputePlan, apply_cpu_compute
+from .kv_cache import kv_cache_bytes
 
 MIB, GIB = 2**20, 2**30
 # Outside PyTorch's allocator: the CUDA context and cuBLAS workspaces.
@@ -100,18 +101,6 @@ def model_costs(
         else:
             groups[layer] = groups.get(layer, 0.0) + size
     return int(resident), {layer: int(size) for layer, size in sorted(groups.items())}
-
-
-def kv_cache_bytes(text_config, tokens: int = MAX_CONTEXT_TOKENS, bytes_per_value: int = 2) -> int:
-    """KV cache for ``tokens`` tokens: MLA caches its 512 + 64 latent, multi-head attention K and V."""
-    layers = text_config.num_hidden_layers
-    if getattr(text_config, "kv_lora_rank", None) and getattr(text_config, "qk_rope_head_dim", None):
-        per_layer = text_config.kv_lora_rank + text_config.qk_rope_head_dim
-    else:
-        heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
-        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-        per_layer = 2 * heads * head_dim
-    return layers * per_layer * bytes_per_value * tokens
 
 
 @dataclass(frozen=True)

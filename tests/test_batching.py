@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from model.batching import auto_batch_size, generate_batch, kv_bytes_per_token, shared_prefix_inputs
+from model.batching import auto_batch_size, generate_batch, shared_prefix_inputs
 from model.generation import GenerationSettings
+from model.kv_cache import kv_cache_bytes
 from model.processing import Message
 
 GREEDY = GenerationSettings(max_new_tokens=10, min_new_tokens=10, temperature=0.0, repetition_penalty=1.0)
@@ -60,20 +61,8 @@ def test_a_cancelled_batch_returns_at_once(loaded_fp32):
 
 def test_batch_size_follows_free_memory(loaded_fp32):
     model = loaded_fp32["tiny"].model
-    per_token = kv_bytes_per_token(model.config.text_config, torch.float32)
+    row = kv_cache_bytes(model.config.text_config, 1500, 4)  # a row's cache in fp32
     small = auto_batch_size(model, 1000, 500, free_bytes=1)
     roomy = auto_batch_size(model, 1000, 500, free_bytes=10**12)
-    middle = auto_batch_size(model, 1000, 500, free_bytes=per_token * 1500 * 2 * 5)
+    middle = auto_batch_size(model, 1000, 500, free_bytes=row * 2 * 5)
     assert small == 1 and roomy == 16 and 1 <= middle < 5
-
-
-def test_cache_bytes_per_token_count_every_layer():
-    from model.configuration import config_from_official
-    from model.testing import official_config
-
-    tiny = config_from_official(official_config("tiny", full_size=True)).text_config
-    small = config_from_official(official_config("small", full_size=True)).text_config
-    # Tiny: 12 layers × 10 heads × (128 key + 128 value dimensions) in bf16.
-    assert kv_bytes_per_token(tiny, torch.bfloat16) == 12 * 10 * (128 + 128) * 2
-    # Small (MLA, uncompressed as the stock cache holds it): 27 layers × 16 heads × (128 + 64 + 128).
-    assert kv_bytes_per_token(small, torch.bfloat16) == 27 * 16 * (128 + 64 + 128) * 2
